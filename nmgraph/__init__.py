@@ -1,0 +1,45 @@
+"""nmgraph: N:M structured sparsity for PyTorch models, as torch.fx graph passes.
+
+Importing nmgraph loads torch and nmgraph's own modules only; optional dependencies (transformers,
+triton, onnx, tensorrt) load on first use.
+"""
+
+from __future__ import annotations
+
+from nmgraph.capture import capture
+from nmgraph.compress import CompressedNM, compress
+from nmgraph.errors import (
+    BackendUnavailableError,
+    CaptureError,
+    NMGraphError,
+    PatternError,
+    PlanError,
+    SerializationError,
+    ShapeError,
+    StrictModeError,
+    UnsupportedError,
+    VerificationError,
+)
+from nmgraph.pattern import Pattern, is_nm, nm_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CaptureError",
+    "CompressedNM",
+    "NMGraphError",
+    "Pattern",
+    "PatternError",
+    "PlanError",
+    "SerializationError",
+    "ShapeError",
+    "StrictModeError",
+    "UnsupportedError",
+    "VerificationError",
+    "__version__",
+    "capture",
+    "compress",
+    "is_nm",
+    "nm_mask",
+]
