@@ -6,6 +6,7 @@ triton, onnx, tensorrt) load on first use.
 
 from __future__ import annotations
 
+from nmgraph.analysis import analyze
 from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
 from nmgraph.errors import (
@@ -20,7 +21,9 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
+from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
+from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 
 __version__ = "0.1.0"
 
@@ -28,18 +31,26 @@ __all__ = [
     "BackendUnavailableError",
     "CaptureError",
     "CompressedNM",
+    "LayerInfo",
+    "Member",
     "NMGraphError",
     "Pattern",
     "PatternError",
+    "PermutationGroup",
+    "PermuteReport",
     "PlanError",
     "SerializationError",
     "ShapeError",
+    "Skip",
+    "SparsityPlan",
     "StrictModeError",
     "UnsupportedError",
     "VerificationError",
     "__version__",
+    "analyze",
     "capture",
     "compress",
     "is_nm",
     "nm_mask",
+    "permute",
 ]

@@ -60,6 +60,7 @@ def capture(
         else:
             _share_tensors(gm, model)
             gm.meta["nmgraph_capture"] = "export"
+            gm.meta["nmgraph_example_inputs"] = (args, kwargs)
             return gm
     if method in ("auto", "symbolic_trace"):
         try:
@@ -70,6 +71,7 @@ def capture(
         else:
             _share_tensors(gm, model)
             gm.meta["nmgraph_capture"] = "symbolic_trace"
+            gm.meta["nmgraph_example_inputs"] = (args, kwargs)
             return gm
     raise CaptureError(
         f"Could not capture {type(model).__name__} as an FX graph.\n"

@@ -70,7 +70,7 @@ def resnet(head: bool = True):
 
 def convnext(head: bool = True):
     cfg = transformers.ConvNextConfig(
-        hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, image_size=32,
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, image_size=32,
     )
     cls = transformers.ConvNextForImageClassification if head else transformers.ConvNextModel
     return cls(cfg).eval(), (_img(),)

@@ -1,0 +1,1186 @@
+"""Sparsity analysis: which weights can be N:M, and which channels must be permuted together.
+
+:func:`analyze` is pure: it reads a captured graph and returns a :class:`~nmgraph.plan.SparsityPlan`.
+
+Eligibility. A weight is eligible when every use of it is the weight operand of a matmul-like op
+(``aten.linear``, ``addmm``/``mm``/``matmul`` with a parameter operand, ``convolution``) and all uses
+agree on the reduction axis. Everything else is reported in ``plan.skipped`` with its reason.
+
+Coupling. Channels are tracked as *spaces*: ``(node, axes)`` pairs, where ``axes`` lists the tensor
+axes (major to minor) whose flattened index is the channel index, and ``inner`` consecutive flattened
+indices form one channel (a conv's channels flattened into a Linear's input). A union-find joins spaces
+that must be permuted identically; the rule for each op comes from one table keyed by ``OpOverload``
+(:data:`OP_RULES`). An op missing from the table is a barrier with the op named as the reason. Concat
+and split along a channel axis *segment* a space into the spaces of their parts. A class is a
+:class:`~nmgraph.plan.PermutationGroup` when no barrier touches it; its members are the parameters and
+buffers (and their axes) in it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+from nmgraph.errors import UnsupportedError
+from nmgraph.pattern import Pattern, PatternLike
+from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
+
+__all__ = ["OP_RULES", "analyze"]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+Axes = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# Union-find over channel spaces
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Space:
+    """A channel space: ``node``'s tensor viewed along ``axes`` (see module docstring)."""
+
+    node: fx.Node
+    axes: Axes
+    inner: int
+    channels: int
+    index: int  # position in the union-find arrays
+
+
+@dataclass
+class _Class:
+    """Annotations of a union-find root."""
+
+    barriers: list[str] = field(default_factory=list)
+    block: int = 0  # 0 = unconstrained
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, space index)
+
+
+class _Flow:
+    """Union-find of channel spaces plus barriers, block constraints and segmentations."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.spaces: list[_Space] = []
+        self.parent: list[int] = []
+        self.info: dict[int, _Class] = {}
+        self.of_node: dict[fx.Node, list[int]] = {}
+
+    # -- union-find
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def cls(self, i: int) -> _Class:
+        return self.info[self.find(i)]
+
+    def new(self, node: fx.Node, axes: Axes, inner: int = 1) -> int:
+        shape = _shape(node)
+        size = math.prod(shape[a] for a in axes)
+        idx = len(self.spaces)
+        self.spaces.append(_Space(node, tuple(axes), inner, size // inner, idx))
+        self.parent.append(idx)
+        self.info[idx] = _Class()
+        self.of_node.setdefault(node, []).append(idx)
+        return idx
+
+    def union(self, a: int, b: int, why: str = "") -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        sa, sb = self.spaces[a], self.spaces[b]
+        if sa.channels != sb.channels:
+            # Different channel counts cannot move together: both sides become barriers.
+            reason = (f"channel count mismatch at {why or 'an op'}: {sa.node.name}{list(sa.axes)} has "
+                      f"{sa.channels}, {sb.node.name}{list(sb.axes)} has {sb.channels}")
+            self.barrier(a, reason)
+            self.barrier(b, reason)
+            return ra
+        ca, cb = self.info.pop(rb), self.info[ra]
+        self.parent[rb] = ra
+        cb.barriers.extend(r for r in ca.barriers if r not in cb.barriers)
+        cb.block = _gcd_block(cb.block, ca.block)
+        if ca.segments and cb.segments:
+            self._merge_segments(ra, ca.segments, cb.segments)
+        elif ca.segments:
+            cb.segments = ca.segments
+        return ra
+
+    def _merge_segments(self, root: int, a: list, b: list) -> None:
+        if [(s, e) for s, e, _ in a] != [(s, e) for s, e, _ in b]:
+            self.barrier(root, "channels are split or concatenated at two different offsets")
+            return
+        for (_, _, x), (_, _, y) in zip(a, b):
+            self.union(x, y, "matching concat/split segments")
+
+    def barrier(self, i: int, reason: str) -> None:
+        c = self.cls(i)
+        if reason not in c.barriers:
+            c.barriers.append(reason)
+
+    def constrain_block(self, i: int, block: int) -> None:
+        c = self.cls(i)
+        c.block = _gcd_block(c.block, block)
+
+    def segment(self, whole: int, parts: Sequence[tuple[int, int, int]]) -> None:
+        c = self.cls(whole)
+        if self.spaces[whole].inner != 1:
+            self.barrier(whole, "concat/split of flattened channels")
+            return
+        if c.segments:
+            self._merge_segments(self.find(whole), c.segments, list(parts))
+        else:
+            c.segments = list(parts)
+
+    # -- spaces of a node
+    def spaces_of(self, node: fx.Node) -> list[_Space]:
+        return [self.spaces[i] for i in self.of_node.get(node, ())]
+
+    def at(self, node: fx.Node, axes: Axes, inner: int = 1) -> int:
+        """The space of ``node`` on exactly ``axes``; created (and explained) if no rule made it."""
+        for s in self.spaces_of(node):
+            if s.axes == tuple(axes) and s.inner == inner:
+                return s.index
+        idx = self.new(node, axes, inner)
+        if node.op == "get_attr":
+            return idx  # a parameter or buffer: it simply becomes a member
+        src = _backward_source(node, tuple(axes))
+        if src is not None:  # e.g. an expanded or cast parameter (ViT's cls_token)
+            self.union(idx, self.at(src[0], src[1], inner), _op_name(node))
+            return idx
+        # Overlapping spaces of the same tensor must both stay put.
+        for s in self.spaces_of(node):
+            if s.index != idx and set(s.axes) & set(axes):
+                reason = f"{node.name} is used along channel axes {list(axes)} and {list(s.axes)}"
+                self.barrier(s.index, reason)
+                self.barrier(idx, reason)
+        if node.op == "placeholder":
+            self.barrier(idx, f"channels of graph input {node.name!r} are fixed by the caller")
+        elif node.op != "get_attr":
+            self.barrier(idx, f"channels of {node.name} come from {_op_name(node)}, which does not carry channels")
+        return idx
+
+
+def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
+    """For a shape-preserving op on a single tensor, the input axes that ``axes`` come from."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    if _val(src) is None and src.op != "get_attr":
+        return None
+    rule = OP_RULES.get(node.target)
+    in_shape, out_shape = _shape(src), _shape(node)
+    if rule is _pass_through and in_shape == out_shape:
+        return src, axes
+    if rule in (_expand, _unsqueeze):
+        if rule is _expand:
+            mapped = tuple(a - (len(out_shape) - len(in_shape)) for a in axes)
+        else:
+            d = _norm(node.args[1], len(out_shape))
+            mapped = tuple(a - (a > d) for a in axes) if d not in axes else None
+        if mapped and all(0 <= a < len(in_shape) and in_shape[a] == out_shape[b] for a, b in zip(mapped, axes)):
+            return src, mapped
+    return None
+
+
+def _gcd_block(a: int, b: int) -> int:
+    if not a:
+        return b
+    if not b:
+        return a
+    return math.gcd(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers over node metadata
+# --------------------------------------------------------------------------------------------------
+
+
+def _val(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return v
+    v = node.meta.get("tensor_meta")
+    return v if v is not None and hasattr(v, "shape") else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    v = _val(node)
+    if v is None and node.op == "get_attr":
+        v = _get_attr(node)
+    if v is None:
+        raise UnsupportedError(
+            f"node {node.format_node()} has no tensor metadata ('val'); capture the model with "
+            "nmgraph.capture (torch.export) so shapes are recorded."
+        )
+    return tuple(int(s) for s in v.shape)
+
+
+def _get_attr(node: fx.Node) -> torch.Tensor | None:
+    obj = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", node.target)) if not isinstance(
+            node.target, torch._ops.OpOverload) else str(node.target)
+    return f"{node.op} {node.target}"
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim % ndim if ndim else 0
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for a in node.all_input_nodes:
+        if _val(a) is not None or a.op == "get_attr":
+            out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Op rules. Each rule(flow, node) registers the output spaces of ``node`` and the unions it implies.
+# --------------------------------------------------------------------------------------------------
+
+Rule = Callable[[_Flow, fx.Node], None]
+
+
+def _pass_through(flow: _Flow, node: fx.Node, src: fx.Node | None = None) -> None:
+    """Same shape in, same shape out, channels unchanged (elementwise unary ops, dropout, casts)."""
+    src = src if src is not None else node.args[0]
+    if not isinstance(src, fx.Node):
+        return
+    for s in flow.spaces_of(src):
+        flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
+
+
+def _broadcast(flow: _Flow, node: fx.Node) -> None:
+    """Elementwise ops with broadcasting: aligned axes of every operand move together."""
+    out_shape = _shape(node)
+    ndim = len(out_shape)
+    operands = [a for a in node.args if isinstance(a, fx.Node) and (_val(a) is not None or a.op == "get_attr")]
+    out_spaces: dict[tuple[Axes, int], int] = {}
+    for a in operands:
+        shift = ndim - len(_shape(a))
+        for s in flow.spaces_of(a):
+            key = (tuple(x + shift for x in s.axes), s.inner)
+            if key not in out_spaces:
+                out_spaces[key] = flow.new(node, *key)
+            flow.union(s.index, out_spaces[key], _op_name(node))
+    # Every operand that is not broadcast along a channel space moves with it too.
+    for (axes, inner), out_idx in out_spaces.items():
+        for a in operands:
+            a_shape = _shape(a)
+            shift = ndim - len(a_shape)
+            local = tuple(x - shift for x in axes)
+            if any(x < 0 for x in local) or all(a_shape[x] == 1 for x in local):
+                continue
+            if any(a_shape[x] != out_shape[x + shift] for x in local):
+                flow.barrier(out_idx, f"{a.name} is partially broadcast along channels at {node.name}")
+                continue
+            flow.union(flow.at(a, local, inner), out_idx, _op_name(node))
+
+
+def _reduce_dims(node: fx.Node) -> tuple[list[int], bool]:
+    shape = _shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or dims == []:
+        dims = list(range(len(shape)))
+    if isinstance(dims, int):
+        dims = [dims]
+    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    return [_norm(d, len(shape)) for d in dims], keep
+
+
+def _reduce(flow: _Flow, node: fx.Node) -> None:
+    """Permutation-invariant reductions (sum, mean, var, amax...): a reduced channel axis is consumed."""
+    src = node.args[0]
+    dims, keep = _reduce_dims(node)
+    for s in flow.spaces_of(src):
+        if set(s.axes) & set(dims):
+            if not set(s.axes) <= set(dims):
+                flow.barrier(s.index, f"{node.name} ({_op_name(node)}) reduces part of a channel space")
+            continue
+        axes = s.axes if keep else tuple(a - sum(d < a for d in dims) for a in s.axes)
+        flow.union(s.index, flow.new(node, axes, s.inner), _op_name(node))
+
+
+def _softmax(flow: _Flow, node: fx.Node) -> None:
+    """Softmax over any axis is permutation-equivariant along that axis."""
+    _pass_through(flow, node)
+
+
+def _linear_like(flow: _Flow, node: fx.Node, x: fx.Node, w: fx.Node, b, w_in_axis: int, w_out_axis: int) -> None:
+    x_last = len(_shape(x)) - 1
+    flow.union(flow.at(x, (x_last,)), flow.at(w, (w_in_axis,)), _op_name(node))
+    out = flow.new(node, (len(_shape(node)) - 1,))
+    flow.union(out, flow.at(w, (w_out_axis,)), _op_name(node))
+    if isinstance(b, fx.Node):
+        flow.union(out, flow.at(b, (len(_shape(b)) - 1,)), _op_name(node))
+
+
+def _is_weight(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _linear(flow: _Flow, node: fx.Node) -> None:
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not _is_weight(w):
+        reason = f"{node.name}: linear with a computed weight"
+        flow.barrier(flow.at(x, (len(_shape(x)) - 1,)), reason)
+        flow.barrier(flow.new(node, (len(_shape(node)) - 1,)), reason)
+        return
+    _linear_like(flow, node, x, w, b, 1, 0)
+
+
+def _addmm(flow: _Flow, node: fx.Node) -> None:
+    b, x, w = node.args[:3]
+    if not _is_weight(w):
+        return _matmul_activations(flow, node, x, w, bias=b)
+    _linear_like(flow, node, x, w, b, 0, 1)
+
+
+def _mm(flow: _Flow, node: fx.Node) -> None:
+    x, w = node.args[:2]
+    if _is_weight(w) and len(_shape(w)) == 2:
+        return _linear_like(flow, node, x, w, None, 0, 1)
+    _matmul_activations(flow, node, x, w)
+
+
+def _matmul_activations(flow: _Flow, node: fx.Node, a, b, bias=None) -> None:
+    """``a @ b`` of two activations (attention scores, attention-weighted values).
+
+    The contraction axis of ``a`` and ``b`` moves together; ``b``'s column space passes to the
+    output. Batch axes inside a channel space force a block (heads are computed separately).
+    """
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return
+    sa, sb, so = _shape(a), _shape(b), _shape(node)
+    if len(sa) < 2 or len(sb) < 2:
+        for s in flow.spaces_of(a) + flow.spaces_of(b):
+            flow.barrier(s.index, f"{node.name}: matmul with a 1-D operand")
+        return
+    na, nb, no = len(sa), len(sb), len(so)
+    for s in flow.spaces_of(a):
+        batch = [x for x in s.axes if x < na - 2]
+        if na - 2 in s.axes:  # rows of a: the output's rows
+            flow.barrier(s.index, f"{node.name}: channels on the row axis of a matmul")
+            continue
+        if na - 1 not in s.axes:
+            continue
+        if s.inner != 1:
+            flow.barrier(s.index, f"{node.name}: flattened channels in a matmul")
+            continue
+        # contraction: a's last axis with b's second-to-last axis, batch axes aligned from the right
+        b_axes = tuple(x - (na - nb) if x < na - 2 else nb - 2 for x in s.axes)
+        if any(x < 0 or sb[x] != sa[y] for x, y in zip(b_axes, s.axes)):
+            flow.barrier(s.index, f"{node.name}: broadcast batch axes in a matmul")
+            continue
+        flow.union(s.index, flow.at(b, b_axes), _op_name(node))
+        if batch:
+            flow.constrain_block(s.index, sa[na - 1])
+    for s in flow.spaces_of(b):
+        if nb - 2 in s.axes or nb - 1 not in s.axes:
+            continue
+        batch = [x for x in s.axes if x < nb - 2]
+        out_axes = tuple(x + (no - nb) for x in s.axes)
+        flow.union(s.index, flow.new(node, out_axes, s.inner), _op_name(node))
+        if batch:
+            flow.constrain_block(s.index, sb[nb - 1])
+    if isinstance(bias, fx.Node):
+        for s in flow.spaces_of(node):
+            flow.union(s.index, flow.at(bias, (len(_shape(bias)) - 1,)), _op_name(node))
+
+
+def _matmul(flow: _Flow, node: fx.Node) -> None:
+    x, w = node.args[:2]
+    if _is_weight(w) and len(_shape(w)) == 2:
+        return _linear_like(flow, node, x, w, None, 0, 1)
+    _matmul_activations(flow, node, x, w)
+
+
+def _conv(flow: _Flow, node: fx.Node) -> None:
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    if node.target is aten.convolution.default:
+        transposed, groups = node.args[6], node.args[8]
+    else:
+        transposed, groups = False, (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+    out = flow.new(node, (1,))
+    if transposed or not _is_weight(w):
+        why = "transposed convolution" if transposed else "convolution with a computed weight"
+        flow.barrier(flow.at(x, (1,)), f"{node.name}: {why}")
+        flow.barrier(out, f"{node.name}: {why}")
+        return
+    c_in, c_out = _shape(x)[1], _shape(node)[1]
+    flow.union(out, flow.at(w, (0,)), _op_name(node))
+    if isinstance(b, fx.Node):
+        flow.union(out, flow.at(b, (0,)), _op_name(node))
+    if groups == 1:
+        flow.union(flow.at(x, (1,)), flow.at(w, (1,)), _op_name(node))
+    elif groups == c_in and c_out == c_in:  # depthwise: channel c in -> channel c out
+        flow.union(flow.at(x, (1,)), out, _op_name(node))
+    else:
+        flow.constrain_block(out, c_out // groups)
+        flow.barrier(flow.at(x, (1,)), f"{node.name}: grouped convolution (groups={groups}) shares "
+                     "weight columns across groups")
+
+
+def _layer_norm(flow: _Flow, node: fx.Node) -> None:
+    x, normalized = node.args[0], node.args[1]
+    w = node.args[2] if len(node.args) > 2 else None
+    b = node.args[3] if len(node.args) > 3 else None
+    nd = len(_shape(x))
+    k = len(normalized)
+    normed = set(range(nd - k, nd))
+    for s in flow.spaces_of(x):
+        out = flow.new(node, s.axes, s.inner)
+        flow.union(s.index, out, _op_name(node))
+        if set(s.axes) & normed and not set(s.axes) <= normed:
+            flow.barrier(s.index, f"{node.name}: layer_norm over part of a channel space")
+    for p in (w, b):
+        if isinstance(p, fx.Node):
+            if k != 1:
+                flow.barrier(flow.at(p, tuple(range(k))), f"{node.name}: layer_norm over {k} axes")
+                continue
+            flow.union(flow.at(node, (nd - 1,)), flow.at(p, (0,)), _op_name(node))
+
+
+def _rms_norm(flow: _Flow, node: fx.Node) -> None:
+    x, normalized = node.args[0], node.args[1]
+    w = node.args[2] if len(node.args) > 2 else None
+    nd = len(_shape(x))
+    _pass_through(flow, node)
+    if isinstance(w, fx.Node) and len(normalized) == 1:
+        flow.union(flow.at(node, (nd - 1,)), flow.at(w, (0,)), _op_name(node))
+
+
+def _batch_norm(flow: _Flow, node: fx.Node) -> None:
+    """batch_norm(x, w, b, running_mean, running_var, ...): per-channel params and running stats."""
+    _native_batch_norm(flow, node)
+
+
+def _native_batch_norm(flow: _Flow, node: fx.Node) -> None:
+    x = node.args[0]
+    out = flow.new(node, (1,))
+    flow.union(flow.at(x, (1,)), out, _op_name(node))
+    for p in node.args[1:5]:
+        if isinstance(p, fx.Node):
+            flow.union(out, flow.at(p, (0,)), _op_name(node))
+
+
+def _group_norm(flow: _Flow, node: fx.Node) -> None:
+    x, groups = node.args[0], node.args[1]
+    w = node.args[2] if len(node.args) > 2 else None
+    b = node.args[3] if len(node.args) > 3 else None
+    c = _shape(x)[1]
+    out = flow.new(node, (1,))
+    flow.union(flow.at(x, (1,)), out, _op_name(node))
+    flow.constrain_block(out, c // groups)  # statistics are per group of c/groups channels
+    for p in (w, b):
+        if isinstance(p, fx.Node):
+            flow.union(out, flow.at(p, (0,)), _op_name(node))
+
+
+def _prelu(flow: _Flow, node: fx.Node) -> None:
+    w = node.args[1]
+    _pass_through(flow, node)
+    if _shape(w) and _shape(w)[0] > 1:
+        flow.union(flow.at(node, (1,)), flow.at(w, (0,)), _op_name(node))
+
+
+def _embedding(flow: _Flow, node: fx.Node) -> None:
+    w = node.args[0]
+    flow.union(flow.new(node, (len(_shape(node)) - 1,)), flow.at(w, (1,)), _op_name(node))
+
+
+def _spatial(k: int | None) -> Rule:
+    """Pooling, padding and upsampling act on the last ``k`` axes; channels elsewhere pass through."""
+
+    def rule(flow: _Flow, node: fx.Node) -> None:
+        src = node.args[0]
+        nd = len(_shape(src))
+        if k is None:  # pad: the padded axes are the last len(pad) // 2
+            pad = list(node.args[1])
+            touched = {nd - 1 - i // 2 for i, v in enumerate(pad) if v}
+        else:
+            touched = set(range(nd - k, nd))
+        for s in flow.spaces_of(src):
+            if touched & set(s.axes):
+                flow.barrier(s.index, f"{node.name}: {_op_name(node)} acts along channel axes")
+                continue
+            flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
+
+    return rule
+
+
+def _permute(flow: _Flow, node: fx.Node) -> None:
+    nd = len(_shape(node))
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        order = list(range(nd))[::-1]
+    elif node.target is aten.transpose.int:
+        d0, d1 = _norm(node.args[1], nd), _norm(node.args[2], nd)
+        order = list(range(nd))
+        order[d0], order[d1] = order[d1], order[d0]
+    else:
+        order = [_norm(d, nd) for d in node.args[1]]
+    inverse = {src: dst for dst, src in enumerate(order)}
+    for s in flow.spaces_of(node.args[0]):
+        flow.union(s.index, flow.new(node, tuple(inverse[a] for a in s.axes), s.inner), _op_name(node))
+
+
+def _reshape_chunks(ins: Sequence[int], outs: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Minimal runs of input and output axes with equal products (the view algorithm)."""
+    chunks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ins) or j < len(outs):
+        ci, cj = [], []
+        pi = pj = 1
+        if i < len(ins):
+            ci.append(i)
+            pi *= ins[i]
+            i += 1
+        if j < len(outs):
+            cj.append(j)
+            pj *= outs[j]
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(ins):
+                ci.append(i)
+                pi *= ins[i]
+                i += 1
+            elif j < len(outs):
+                cj.append(j)
+                pj *= outs[j]
+                j += 1
+            else:
+                return None
+        # fold trailing size-1 axes into this chunk
+        while i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
+            ci.append(i)
+            i += 1
+        while j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
+            cj.append(j)
+            j += 1
+        chunks.append((ci, cj))
+    return chunks
+
+
+def _reshape(flow: _Flow, node: fx.Node) -> None:
+    src = node.args[0]
+    ins, outs = _shape(src), _shape(node)
+    chunks = _reshape_chunks(ins, outs)
+    for s in flow.spaces_of(src):
+        if chunks is None:
+            flow.barrier(s.index, f"{node.name}: reshape {list(ins)} -> {list(outs)} mixes channels")
+            continue
+        out_axes: list[int] = []
+        inner = s.inner
+        ok = True
+        for ci, cj in chunks:
+            big_ci = [a for a in ci if ins[a] != 1]
+            hit = [a for a in big_ci if a in s.axes]
+            if not hit:
+                continue
+            if hit == big_ci:
+                out_axes.extend(a for a in cj if outs[a] != 1)
+            elif inner == 1 and hit == big_ci[: len(hit)]:
+                # channels are the major part of the merged axis: flattened conv channels
+                inner = math.prod(ins[a] for a in big_ci[len(hit):])
+                out_axes.extend(a for a in cj if outs[a] != 1)
+            else:
+                ok = False
+        if not ok or not out_axes:
+            flow.barrier(s.index, f"{node.name}: reshape {list(ins)} -> {list(outs)} mixes channels with "
+                         "other axes")
+            continue
+        if inner != s.inner and len(out_axes) > 1:
+            repeated = isinstance(src, fx.Node) and src.target is aten.expand.default
+            flow.barrier(s.index, f"{node.name}: " + (
+                "channels repeated by expand + reshape (grouped-query attention shares key/value heads; "
+                "their channels stay in place)" if repeated else "reshape splits flattened channels"))
+            continue
+        flow.union(s.index, flow.new(node, tuple(out_axes), inner), _op_name(node))
+
+
+def _unsqueeze(flow: _Flow, node: fx.Node) -> None:
+    nd = len(_shape(node))
+    d = _norm(node.args[1], nd)
+    for s in flow.spaces_of(node.args[0]):
+        flow.union(s.index, flow.new(node, tuple(a + (a >= d) for a in s.axes), s.inner), _op_name(node))
+
+
+def _expand(flow: _Flow, node: fx.Node) -> None:
+    shift = len(_shape(node)) - len(_shape(node.args[0]))
+    for s in flow.spaces_of(node.args[0]):
+        flow.union(s.index, flow.new(node, tuple(a + shift for a in s.axes), s.inner), _op_name(node))
+
+
+def _squeeze(flow: _Flow, node: fx.Node) -> _Flow | None:
+    src = node.args[0]
+    ins = _shape(src)
+    dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(ins) if s == 1]
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = [_norm(d, len(ins)) for d in dims if ins[_norm(d, len(ins))] == 1]
+    for s in flow.spaces_of(src):
+        axes = tuple(a - sum(d < a for d in dims) for a in s.axes)
+        flow.union(s.index, flow.new(node, axes, s.inner), _op_name(node))
+    return None
+
+
+def _slice(flow: _Flow, node: fx.Node) -> None:
+    src = node.args[0]
+    nd = len(_shape(src))
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    full = _shape(node)[dim] == _shape(src)[dim]
+    for s in flow.spaces_of(src):
+        if dim in s.axes and not full:
+            flow.barrier(s.index, f"{node.name}: slices channel axis {dim}")
+            continue
+        flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
+
+
+def _select(flow: _Flow, node: fx.Node) -> None:
+    src = node.args[0]
+    dim = _norm(node.args[1], len(_shape(src)))
+    for s in flow.spaces_of(src):
+        if dim in s.axes:
+            flow.barrier(s.index, f"{node.name}: selects along channel axis {dim}")
+            continue
+        flow.union(s.index, flow.new(node, tuple(a - (a > dim) for a in s.axes), s.inner), _op_name(node))
+
+
+def _index_select(flow: _Flow, node: fx.Node) -> None:
+    src = node.args[0]
+    dim = _norm(node.args[1], len(_shape(src)))
+    for s in flow.spaces_of(src):
+        if dim in s.axes:
+            flow.barrier(s.index, f"{node.name}: gathers along channel axis {dim}")
+            continue
+        flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
+
+
+def _cat(flow: _Flow, node: fx.Node) -> None:
+    parts = [p for p in node.args[0] if isinstance(p, fx.Node)]
+    nd = len(_shape(node))
+    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    # spaces not involving the concat axis: every part moves together
+    keys = {(s.axes, s.inner) for p in parts for s in flow.spaces_of(p) if dim not in s.axes}
+    for axes, inner in keys:
+        out = flow.new(node, axes, inner)
+        for p in parts:
+            flow.union(flow.at(p, axes, inner), out, _op_name(node))
+    # spaces on the concat axis: the output's channels are segmented into the parts' channels
+    if any(dim in s.axes for p in parts for s in flow.spaces_of(p)):
+        whole = flow.new(node, (dim,))
+        segs, start = [], 0
+        for p in parts:
+            size = _shape(p)[dim]
+            segs.append((start, start + size, flow.at(p, (dim,))))
+            start += size
+        flow.segment(whole, segs)
+
+
+def _split(flow: _Flow, node: fx.Node) -> None:
+    """split / split_with_sizes / chunk / unbind: the outputs are read through getitem."""
+    src = node.args[0]
+    nd = len(_shape(src))
+    if node.target is aten.unbind.int:
+        dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    else:
+        dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), nd)
+    outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
+    vals = node.meta.get("val")
+    sizes = [int(v.shape[dim]) for v in vals] if isinstance(vals, (list, tuple)) else []
+    for s in flow.spaces_of(src):
+        if dim not in s.axes:
+            for u in outs:
+                axes = s.axes if node.target is not aten.unbind.int else tuple(a - (a > dim) for a in s.axes)
+                flow.union(s.index, flow.new(u, axes, s.inner), _op_name(node))
+            continue
+        if node.target is aten.unbind.int or s.axes != (dim,) or s.inner != 1 or not sizes:
+            flow.barrier(s.index, f"{node.name}: splits a multi-axis channel space")
+            continue
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        segs = []
+        by_index = {u.args[1]: u for u in outs}
+        for i, (st, sz) in enumerate(zip(starts, sizes)):
+            u = by_index.get(i)
+            seg = flow.new(u, (dim,)) if u is not None else flow.new(node, (dim,))
+            segs.append((st, st + sz, seg))
+        flow.segment(s.index, segs)
+
+
+def _getitem(flow: _Flow, node: fx.Node) -> None:
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return
+    if src.target in _SPLIT_OPS:
+        return  # handled by the split rule
+    if node.args[1] == 0 and src.target in _NORM_TUPLE_OPS:
+        for s in flow.spaces_of(src):
+            flow.union(s.index, flow.new(node, s.axes, s.inner), "getitem")
+        return
+    if node.args[1] != 0 and src.target in _NORM_TUPLE_OPS:
+        return  # saved statistics; not channels of an activation used later
+    for s in flow.spaces_of(src):
+        flow.barrier(s.index, f"{node.name}: getitem of {_op_name(src)}")
+
+
+def _sdpa(flow: _Flow, node: fx.Node) -> None:
+    """scaled_dot_product_attention(q, k, v, mask): per head, q.k over head_dim; v's head_dim passes."""
+    q, k, v = node.args[:3]
+    d = _shape(q)[-1]
+    nd = len(_shape(q))
+    head_axis = nd - 3
+    for s in flow.spaces_of(q) + flow.spaces_of(k):
+        if nd - 2 in s.axes or nd - 1 not in s.axes:
+            flow.barrier(s.index, f"{node.name}: attention over channels on the sequence axis")
+    # Q and K: the head_dim of matching heads is contracted together.
+    if _shape(q)[head_axis] != _shape(k)[head_axis]:
+        for x in (q, k):
+            for s in flow.spaces_of(x):
+                flow.barrier(s.index, f"{node.name}: grouped-query attention (q and k head counts differ)")
+    else:
+        for a, b in ((q, k), (k, q)):
+            for s in flow.spaces_of(a):
+                if nd - 1 in s.axes and nd - 2 not in s.axes:
+                    flow.union(s.index, flow.at(b, s.axes, s.inner), "scaled_dot_product_attention q/k")
+                    flow.constrain_block(s.index, d)
+    for s in flow.spaces_of(v):
+        if nd - 2 in s.axes or nd - 1 not in s.axes:
+            flow.barrier(s.index, f"{node.name}: value channels on the sequence axis")
+            continue
+        out = flow.new(node, s.axes, s.inner)
+        flow.union(s.index, out, "scaled_dot_product_attention v")
+        flow.constrain_block(out, d)  # heads stay in place: q/k decide each head's weights
+
+
+def _output_barrier(flow: _Flow, node: fx.Node) -> None:
+    for a in node.all_input_nodes:
+        for s in flow.spaces_of(a):
+            flow.barrier(s.index, f"reaches the model output through {a.name}")
+
+
+def _ignore(flow: _Flow, node: fx.Node) -> None:
+    """Ops that read only metadata (shape asserts, sizes)."""
+
+
+def _copy_(flow: _Flow, node: fx.Node) -> None:
+    """In-place copy into a buffer: destination and source move together."""
+    dst, src = node.args[:2]
+    _broadcast_pair(flow, node, dst, src)
+
+
+def _broadcast_pair(flow: _Flow, node: fx.Node, dst: fx.Node, src: fx.Node) -> None:
+    for s in flow.spaces_of(src):
+        flow.union(s.index, flow.at(dst, s.axes, s.inner), _op_name(node))
+    _pass_through(flow, node, dst)
+
+
+_UNARY = [
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.tanh.default, aten.sigmoid.default, aten.neg.default, aten.abs.default, aten.exp.default,
+    aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.erf.default, aten.square.default,
+    aten.pow.Tensor_Scalar, aten.dropout.default, aten.native_dropout.default, aten.clone.default,
+    aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+    aten.alias.default, aten.detach.default, aten.hardtanh.default, aten.hardtanh_.default,
+    aten.leaky_relu.default, aten.elu.default, aten.softplus.default, aten.hardswish.default,
+    aten.hardsigmoid.default, aten.mish.default, aten.relu6.default if hasattr(aten, "relu6") else aten.relu.default,
+    aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.clamp.default,
+    aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default, aten.float.default
+    if hasattr(aten, "float") else aten.clone.default, aten.lift_fresh_copy.default,
+    aten.gelu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.dropout_.default,
+    aten.feature_dropout.default, aten.alpha_dropout.default,
+]
+_BINARY = [
+    aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
+    aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor, aten.where.self, aten.maximum.default,
+    aten.minimum.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.pow.Tensor_Tensor,
+]
+_REDUCE = [
+    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.amax.default,
+    aten.amin.default, aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim,
+    aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default, aten.logsumexp.default,
+]
+_SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+              aten.tensor_split.indices, aten.split.sizes)
+_NORM_TUPLE_OPS = (aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default,
+                   aten._native_batch_norm_legit.default, aten.native_layer_norm.default,
+                   aten.native_group_norm.default, aten._native_batch_norm_legit_functional.default)
+_POOLING_OVER_MAX = (aten.max_pool2d.default, aten.max_pool1d.default)
+
+OP_RULES: dict[object, Rule] = {
+    **{op: _pass_through for op in _UNARY},
+    **{op: _broadcast for op in _BINARY},
+    **{op: _reduce for op in _REDUCE},
+    aten.adaptive_avg_pool1d.default: _spatial(1), aten.avg_pool1d.default: _spatial(1),
+    aten.max_pool1d.default: _spatial(1), aten.adaptive_avg_pool2d.default: _spatial(2),
+    aten.avg_pool2d.default: _spatial(2), aten.max_pool2d.default: _spatial(2),
+    aten.adaptive_avg_pool3d.default: _spatial(3), aten.avg_pool3d.default: _spatial(3),
+    aten.max_pool3d.default: _spatial(3), aten.upsample_nearest2d.vec: _spatial(2),
+    aten.upsample_bilinear2d.vec: _spatial(2), aten.pad.default: _spatial(None),
+    aten.constant_pad_nd.default: _spatial(None),
+    aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
+    aten._log_softmax.default: _softmax,
+    aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _mm,
+    aten.matmul.default: _matmul, aten.bmm.default: _mm,
+    aten.conv1d.default: _conv, aten.conv2d.default: _conv, aten.conv3d.default: _conv,
+    aten.convolution.default: _conv,
+    aten.layer_norm.default: _layer_norm, aten.native_layer_norm.default: _layer_norm,
+    aten.rms_norm.default: _rms_norm,
+    aten.batch_norm.default: _batch_norm,
+    aten._native_batch_norm_legit_no_training.default: _native_batch_norm,
+    aten.native_batch_norm.default: _native_batch_norm,
+    aten._native_batch_norm_legit.default: _native_batch_norm,
+    aten._native_batch_norm_legit_functional.default: _native_batch_norm,
+    aten.group_norm.default: _group_norm, aten.native_group_norm.default: _group_norm,
+    aten._prelu_kernel.default: _prelu, aten.prelu.default: _prelu,
+    aten.embedding.default: _embedding,
+    aten.permute.default: _permute, aten.transpose.int: _permute, aten.t.default: _permute,
+    aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
+    aten.flatten.using_ints: _reshape, aten.unflatten.int: _reshape,
+    aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand,
+    aten.squeeze.dim: _squeeze, aten.squeeze.default: _squeeze, aten.squeeze.dims: _squeeze,
+    aten.slice.Tensor: _slice, aten.select.int: _select, aten.index_select.default: _index_select,
+    aten.cat.default: _cat, aten.concat.default: _cat,
+    **{op: _split for op in _SPLIT_OPS},
+    operator.getitem: _getitem,
+    aten.scaled_dot_product_attention.default: _sdpa,
+    aten._assert_tensor_metadata.default: _ignore, aten.sym_size.int: _ignore,
+    aten._assert_scalar.default: _ignore, aten.copy_.default: _copy_,
+}
+"""How channels flow through each aten op. Ops not listed are barriers (the op is named)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Eligibility
+# --------------------------------------------------------------------------------------------------
+
+# op -> (index of the weight operand, reduction axis of the weight, display name)
+_MATMUL_WEIGHT: dict[object, tuple[int, int, str]] = {
+    aten.linear.default: (1, 1, "linear"),
+    aten.addmm.default: (2, 0, "addmm"),
+    aten.mm.default: (1, 0, "mm"),
+    aten.matmul.default: (1, 0, "matmul"),
+    aten.conv1d.default: (1, 1, "conv"),
+    aten.conv2d.default: (1, 1, "conv"),
+    aten.conv3d.default: (1, 1, "conv"),
+    aten.convolution.default: (1, 1, "conv"),
+}
+
+
+@dataclass(frozen=True)
+class _Use:
+    node: fx.Node
+    axis: int | None
+    op: str
+    why_not: str | None = None
+
+
+def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
+    """How ``node`` uses parameter ``w``: as a GEMM weight with a reduction axis, or not."""
+    spec = _MATMUL_WEIGHT.get(node.target)
+    if spec is None:
+        return _Use(node, None, _op_name(node), f"used by {_op_name(node)} ({node.name}), not a matmul or conv")
+    idx, axis, name = spec
+    if len(node.args) <= idx or node.args[idx] is not w or any(
+        a is w for i, a in enumerate(node.args) if i != idx
+    ):
+        return _Use(node, None, name, f"used as an activation operand of {node.name} ({_op_name(node)})")
+    shape = _shape(w)
+    if len(shape) < 2:
+        return _Use(node, None, name, f"1-D operand of {node.name}")
+    if name == "conv":
+        transposed = node.target is aten.convolution.default and bool(node.args[6])
+        if transposed:
+            return _Use(node, None, name, f"transposed convolution ({node.name}); reduction runs along dim 0")
+    if name in ("mm", "matmul") and len(shape) != 2:
+        return _Use(node, None, name, f"batched matmul weight of shape {list(shape)} ({node.name})")
+    return _Use(node, axis, name)
+
+
+def _module_of(node: fx.Node, pname: str) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path).replace("L['self'].", "").replace("L__self___", "")
+    return pname.rsplit(".", 1)[0] if "." in pname else ""
+
+
+def _reaches_output_directly(node: fx.Node, gemms: set[fx.Node]) -> bool:
+    """True if ``node``'s result reaches the graph output through single-input ops only."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u in seen or u in gemms:
+                continue
+            tensor_inputs = [a for a in u.all_input_nodes if _val(a) is not None and a.op != "get_attr"]
+            if len(tensor_inputs) > 1:
+                continue
+            seen.add(u)
+            stack.append(u)
+    return False
+
+
+def _matches(name: str, patterns: Iterable[str]) -> str | None:
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"{p}.*") or name == p:
+            return p
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# analyze
+# --------------------------------------------------------------------------------------------------
+
+
+def analyze(
+    gm: fx.GraphModule,
+    pattern: PatternLike = "2:4",
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dense_head: bool = True,
+) -> SparsityPlan:
+    """Finds the N:M-eligible weights and the permutation groups of a captured graph.
+
+    ``exclude``: name patterns (fnmatch, matched against parameter and module names) kept dense.
+    ``include``: patterns that override the default of leaving the output head dense.
+    ``dense_head``: keep GEMMs whose result reaches the model output through single-input ops
+    only (lm_head, classifier) dense, as N:M training recipes do. Pure: ``gm`` is not modified.
+
+    >>> import torch, nmgraph
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> gm = nmgraph.capture(m, (torch.randn(2, 8),))
+    >>> plan = analyze(gm, "2:4")
+    >>> [(layer.name, layer.group is not None) for layer in plan.layers]
+    [('0.weight', False)]
+    >>> plan.skipped[0].reason.startswith("output head")
+    True
+    >>> [(g.size, sorted(m.name for m in g.members)) for g in plan.groups]
+    [(16, ['0.bias', '0.weight', '2.weight'])]
+    """
+    p = Pattern.parse(pattern)
+    graph = gm.graph
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    canonical: dict[int, str] = {}
+    for name, t in params.items():
+        canonical.setdefault(id(t), name)
+
+    # ---- eligibility
+    attr_nodes = [n for n in graph.nodes if n.op == "get_attr" and n.target in params]
+    gemm_nodes = {n for n in graph.nodes if n.op == "call_function" and n.target in _MATMUL_WEIGHT}
+    layers: list[LayerInfo] = []
+    skipped: list[Skip] = []
+    seen_tensors: dict[str, list[fx.Node]] = {}
+    for n in attr_nodes:
+        seen_tensors.setdefault(canonical[id(params[n.target])], []).append(n)
+    eligible_node_of: dict[str, tuple[fx.Node, fx.Node]] = {}
+    for pname, nodes in seen_tensors.items():
+        w = params[pname]
+        if w.dim() < 2:
+            continue  # biases and norm parameters: never N:M candidates, not reported as skipped
+        uses = [_weight_use(u, n) for n in nodes for u in n.users]
+        bad = [u for u in uses if u.axis is None]
+        if not uses:
+            skipped.append(Skip(pname, "not used by the graph"))
+            continue
+        if bad:
+            skipped.append(Skip(pname, bad[0].why_not + (" (tied weight)" if len(uses) > 1 else "")))
+            continue
+        if len({u.axis for u in uses}) > 1:
+            skipped.append(Skip(pname, "used with different reduction axes: " +
+                                ", ".join(f"{u.node.name}: axis {u.axis}" for u in uses)))
+            continue
+        use = uses[0]
+        k = w.shape[use.axis]
+        if use.op == "conv" and k == 1:
+            skipped.append(Skip(pname, f"depthwise convolution: reduction dim has size 1 (shape {list(w.shape)})"))
+            continue
+        module = _module_of(use.node, pname)
+        excluded = _matches(pname, exclude) or _matches(module, exclude)
+        if excluded:
+            skipped.append(Skip(pname, f"excluded by pattern {excluded!r}"))
+            continue
+        if k % p.m:
+            skipped.append(Skip(pname, f"reduction dim {use.axis} of shape {list(w.shape)} is {k}, not divisible "
+                                       f"by M={p.m}"))
+            continue
+        if dense_head and not (_matches(pname, include) or _matches(module, include)) and any(
+            _reaches_output_directly(u.node, gemm_nodes) for u in uses
+        ):
+            skipped.append(Skip(pname, "output head kept dense (its result is the model output); "
+                                       f"pass include=[{module or pname!r}] to prune it"))
+            continue
+        layers.append(LayerInfo(pname, tuple(w.shape), use.axis, use.op, use.node.name, module))
+        eligible_node_of[pname] = (nodes[0], use.node)
+
+    # ---- channel flow
+    flow = _Flow(gm)
+    unknown: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            _output_barrier(flow, node)
+            continue
+        rule = OP_RULES.get(node.target) if node.op == "call_function" else None
+        if rule is None:
+            what = _op_name(node)
+            unknown[what] = unknown.get(what, 0) + 1
+            for a in node.all_input_nodes:
+                for s in flow.spaces_of(a):
+                    flow.barrier(s.index, f"{node.name}: {what} is not in nmgraph's op table")
+                if a.op == "get_attr" and _get_attr(a) is not None:
+                    for ax in range(len(_shape(a))):
+                        flow.barrier(flow.at(a, (ax,)), f"{node.name}: {what} is not in nmgraph's op table")
+            continue
+        rule(flow, node)
+    if unknown:
+        log.info("ops outside the table (barriers): %s", unknown)
+
+    # ---- parameters that appear under several get_attr nodes (tied) join on each axis
+    by_tensor: dict[tuple[str, int], int] = {}
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    tensors = {**buffers, **params}
+    for s in list(flow.spaces):
+        if s.node.op != "get_attr" or len(s.axes) != 1:
+            continue
+        t = tensors.get(s.node.target)
+        if t is None:
+            continue
+        key = (canonical.get(id(t), s.node.target), s.axes[0])
+        if key in by_tensor:
+            flow.union(by_tensor[key], s.index, "tied parameter")
+        else:
+            by_tensor[key] = s.index
+
+    groups, barriers, layer_group = _collect_groups(flow, tensors, canonical, eligible_node_of, layers)
+    layers = [LayerInfo(i.name, i.shape, i.axis, i.op, i.node, i.module, layer_group.get(i.name)) for i in layers]
+    plan = SparsityPlan(p, tuple(layers), tuple(skipped), tuple(groups), tuple(barriers))
+    log.info("analyze: %d eligible, %d dense, %d groups", len(layers), len(skipped), len(groups))
+    return plan
+
+
+def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
+    """Turns union-find classes into PermutationGroups (resolving segments) and barrier reports."""
+    # Expand segmented classes: a member of a segmented class belongs to each segment's class with
+    # an offset. Barriers of a segmented class propagate into its segments.
+    roots = sorted({flow.find(i) for i in range(len(flow.spaces))})
+    members_of: dict[int, list[tuple[_Space, int, int]]] = {}  # root -> [(space, offset, width)]
+    for i, s in enumerate(flow.spaces):
+        members_of.setdefault(flow.find(i), []).append((s, 0, s.channels))
+
+    def resolve(root: int, depth: int = 0) -> None:
+        c = flow.info[root]
+        if not c.segments or depth > 32:
+            return
+        for start, _stop, seg in c.segments:
+            sroot = flow.find(seg)
+            if sroot == root:
+                flow.barrier(root, "a channel space is concatenated with itself")
+                continue
+            for r in c.barriers:
+                flow.barrier(sroot, f"part of a concatenation that {r}")
+            # members of this class restricted to the segment
+            for s, off, _width in members_of.get(root, []):
+                if s.node.op == "get_attr":
+                    members_of.setdefault(sroot, []).append((s, off + start, _stop - start))
+            if c.block and (start % c.block or (_stop - start) % c.block):
+                flow.barrier(sroot, "concat/split offsets cut through a block")
+            resolve(sroot, depth + 1)
+        members_of[root] = [x for x in members_of.get(root, []) if x[0].node.op != "get_attr"]
+
+    for r in roots:
+        resolve(r)
+
+    groups: list[PermutationGroup] = []
+    barriers: list[Skip] = []
+    layer_group: dict[str, int] = {}
+    consumer_space = {}
+    for info in layers:
+        attr_node, _ = eligible_node_of[info.name]
+        for s in flow.spaces_of(attr_node):
+            if s.axes == (info.axis,):
+                consumer_space[info.name] = s.index
+    roots = sorted({flow.find(i) for i in range(len(flow.spaces))})
+    for r in roots:
+        c = flow.info[r]
+        if c.segments:
+            continue
+        mems: dict[tuple, Member] = {}
+        size = flow.spaces[r].channels
+        for s, off, width in members_of.get(r, []):
+            if s.node.op != "get_attr" or s.node.target not in tensors or len(s.axes) != 1:
+                continue
+            t = tensors[s.node.target]
+            name = canonical.get(id(t), s.node.target)
+            m = Member(name, s.axes[0], off * s.inner, (off + width) * s.inner, s.inner)
+            mems[(name, m.axis, off)] = m
+        if not mems:
+            continue
+        label = ", ".join(sorted({m.name for m in mems.values()})[:3])
+        if c.barriers:
+            barriers.append(Skip(f"channels of {label}{' ...' if len(mems) > 3 else ''}", c.barriers[0]))
+            continue
+        gid = len(groups)
+        consumers = []
+        for info in layers:
+            idx = consumer_space.get(info.name)
+            if idx is not None and flow.find(idx) == r:
+                t = tensors[info.name]
+                full = any(m.name == info.name and m.axis == info.axis and m.start == 0 and
+                           m.stop == t.shape[info.axis] and m.inner == 1 for m in mems.values())
+                if full:
+                    consumers.append(info.name)
+                    layer_group[info.name] = gid
+        block = c.block if c.block and c.block < size else size
+        groups.append(PermutationGroup(gid, size, tuple(sorted(mems.values(), key=lambda m: (m.name, m.axis, m.start))),
+                                       block, tuple(consumers), _kind(mems.values(), block, size)))
+    return groups, barriers, layer_group
+
+
+def _kind(members: Iterable[Member], block: int, size: int) -> str:
+    if block < size:
+        return "heads"
+    if any(m.inner > 1 for m in members):
+        return "flatten"
+    return "channels"
+
+
+def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph's dataflow as a networkx DiGraph of node names (for reports and debugging)."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=str(n.target))
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    return g

@@ -1,0 +1,288 @@
+"""Reorder the channels of every permutation group, in place, with the model's function unchanged.
+
+Why this is valid: a :class:`~nmgraph.plan.PermutationGroup` lists every parameter and buffer axis
+that carries the group's channels, found by the channel-flow analysis. Permuting the producers'
+output rows (weights, biases), every per-channel parameter along the way (norm weights and biases,
+BatchNorm running statistics, PReLU slopes) and the consumers' input columns by the same permutation
+``P`` turns each intermediate activation ``h`` into ``h[..., P]``; every op on the path is
+permutation-equivariant along that axis (the op table admits only such ops), and each consumer's
+contraction ``sum_c W[:, c] h[c]`` is a sum over the same pairs in another order. So every output is
+unchanged up to floating-point summation order. ``permute`` checks this on the example inputs and
+undoes everything if it does not hold.
+
+Why permute: N:M pruning keeps the N largest of every M consecutive input channels; a different
+channel order puts different weights together and can keep more magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from nmgraph.errors import PlanError, UnsupportedError, VerificationError
+from nmgraph.pattern import nm_mask
+from nmgraph.plan import Member, PermutationGroup, Skip, SparsityPlan
+
+__all__ = ["PermuteReport", "apply_permutation", "kept_magnitude", "permute"]
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("none", "random", "greedy", "exhaustive")
+
+
+@dataclass
+class PermuteReport:
+    """What :func:`permute` did."""
+
+    permuted: list[int] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    kept_before: dict[str, float] = field(default_factory=dict)
+    kept_after: dict[str, float] = field(default_factory=dict)
+    efficacy: dict[int, float] = field(default_factory=dict)
+    perms: dict[int, torch.Tensor] = field(default_factory=dict)
+    max_error: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.permuted)
+
+    def __str__(self) -> str:
+        lines = [f"permuted {len(self.permuted)} groups in {self.seconds:.2f} s, max output error "
+                 f"{self.max_error:.2e}"]
+        for name, before in self.kept_before.items():
+            after = self.kept_after.get(name, before)
+            lines.append(f"  {name:<55} kept {100 * before:6.2f}% -> {100 * after:6.2f}%")
+        for s in self.skipped:
+            lines.append(f"  left alone: {s.name}: {s.reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "permuted": self.permuted, "skipped": [(s.name, s.reason) for s in self.skipped],
+            "kept_before": self.kept_before, "kept_after": self.kept_after,
+            "efficacy": self.efficacy, "max_error": self.max_error, "seconds": self.seconds,
+        }
+
+
+def kept_magnitude(weight: torch.Tensor, pattern, axis: int = 1) -> float:
+    """Fraction of ``sum |w|`` that N:M magnitude pruning along ``axis`` keeps."""
+    w = weight.detach().float().abs()
+    total = float(w.sum())
+    return float((w * nm_mask(w, pattern, axis=axis)).sum()) / total if total else 1.0
+
+
+def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {**dict(gm.named_buffers(remove_duplicate=False)), **dict(gm.named_parameters(remove_duplicate=False))}
+
+
+def _member_index(m: Member, perm: torch.Tensor, dim: int) -> torch.Tensor:
+    perm = perm.to(torch.long)
+    seg = (perm.unsqueeze(1) * m.inner + torch.arange(m.inner, device=perm.device)).flatten() + m.start
+    stop = m.start + perm.numel() * m.inner
+    return torch.cat([torch.arange(0, m.start, device=perm.device), seg,
+                      torch.arange(stop, dim, device=perm.device)])
+
+
+def apply_permutation(gm: fx.GraphModule, group: PermutationGroup, perm: torch.Tensor) -> None:
+    """Reorders ``group``'s channels in every member tensor: new channel ``i`` = old ``perm[i]``."""
+    why = group.check(perm.cpu())
+    if why:
+        raise PlanError(f"permutation for group {group.id} is invalid: {why}.")
+    tensors = _tensors(gm)
+    done: set[tuple[int, int, int]] = set()
+    with torch.no_grad():
+        for m in group.members:
+            t = tensors.get(m.name)
+            if t is None:
+                raise PlanError(
+                    f"group {group.id} names {m.name!r}, which this graph module does not have; the plan "
+                    "was made for another graph. Re-run nmgraph.analyze on this graph."
+                )
+            key = (id(t), m.axis, m.start)
+            if key in done:
+                continue
+            done.add(key)
+            idx = _member_index(m, perm.to(t.device), t.shape[m.axis])
+            t.copy_(t.index_select(m.axis, idx))
+
+
+def _outputs(gm: fx.GraphModule, args, kwargs) -> list[torch.Tensor]:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = gm(*args, **kwargs)
+    leaves = pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
+    return [x.detach().clone() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def _rel_error(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(ref, new):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        err = float((a - b).abs().max()) if a.numel() else 0.0
+        worst = max(worst, err / max(scale, 1e-30))
+    return worst
+
+
+def _tolerance(ref: list[torch.Tensor]) -> float:
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in ref):
+        return 2e-2
+    return 1e-5
+
+
+def _score_matrix(gm: fx.GraphModule, group: PermutationGroup, score: Mapping[str, torch.Tensor] | None):
+    tensors = _tensors(gm)
+    rows = []
+    for name in group.consumers:
+        m = next(x for x in group.members if x.name == name)
+        w = score[name] if score is not None and name in score else tensors[name].detach().abs()
+        rows.append(w.float().movedim(m.axis, -1).reshape(-1, group.size))
+    return torch.cat(rows) if rows else None
+
+
+def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, time_limit, gen):
+    if search == "random":
+        return group.random_permutation(gen), None
+    try:
+        from nmgraph.permutation_search import search_permutation
+    except ImportError as e:  # pragma: no cover - the module ships with nmgraph
+        raise UnsupportedError(f"search={search!r} needs nmgraph.permutation_search ({e})") from e
+    result = search_permutation(matrix, pattern, method=search, block=group.block, seed=seed,
+                                time_limit=time_limit)
+    return result.perm.cpu(), result
+
+
+def permute(
+    gm: fx.GraphModule,
+    plan: SparsityPlan,
+    search: str = "greedy",
+    seed: int = 0,
+    time_limit: float | None = None,
+    perms: Mapping[int, torch.Tensor] | None = None,
+    *,
+    example_inputs: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    score: Mapping[str, torch.Tensor] | None = None,
+) -> PermuteReport:
+    """Reorders the channels of every permutation group of ``plan`` in ``gm``, in place.
+
+    ``search``: ``"none"`` (identity), ``"random"`` (a uniformly random valid permutation; for
+    testing equivalence, it may lower kept magnitude), ``"greedy"`` or ``"exhaustive"`` (maximise
+    kept magnitude, see :mod:`nmgraph.permutation_search`; a group is only changed if its consumers
+    keep more). ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
+    weight names to saliency tensors used instead of ``|w|``.
+
+    With ``verify=True`` (default) the outputs on the example inputs (those given to
+    :func:`nmgraph.capture`, or ``example_inputs``) must be unchanged within fp32 rounding; if not,
+    every change is undone and :class:`VerificationError` names the group.
+    """
+    if search not in SEARCHES:
+        raise PlanError(f"search={search!r} is not one of {SEARCHES}.")
+    start = time.perf_counter()
+    report = PermuteReport()
+    tensors = _tensors(gm)
+    for info in plan.layers:
+        if info.name not in tensors:
+            raise PlanError(f"plan layer {info.name!r} is not a parameter of this graph module; re-run analyze.")
+        report.kept_before[info.name] = kept_magnitude(tensors[info.name], plan.pattern, info.axis)
+
+    args, kwargs = _example(gm, example_inputs, example_kwargs, verify)
+    ref = _outputs(gm, args, kwargs) if verify else []
+    gen = torch.Generator().manual_seed(seed)
+    valid_ids = {g.id for g in plan.groups}
+    for gid in perms or {}:
+        if gid not in valid_ids:
+            raise PlanError(f"perms names group {gid}, but the plan has groups {sorted(valid_ids)}.")
+
+    chosen: dict[int, torch.Tensor] = {}
+    for g in plan.groups:
+        if perms is not None:
+            if g.id in perms:
+                chosen[g.id] = torch.as_tensor(perms[g.id], dtype=torch.long)
+            continue
+        if search == "none":
+            continue
+        if search != "random" and not g.consumers:
+            report.skipped.append(Skip(f"group {g.id}", "no eligible weight reads these channels"))
+            continue
+        matrix = _score_matrix(gm, g, score) if search != "random" else None
+        perm, result = _search(g, matrix, plan.pattern, search, seed, time_limit, gen)
+        if result is not None:
+            report.efficacy[g.id] = result.efficacy
+            if result.kept <= result.kept_identity:
+                report.skipped.append(Skip(f"group {g.id}", "search found no permutation that keeps more"))
+                continue
+        chosen[g.id] = perm
+
+    applied: list[tuple[PermutationGroup, torch.Tensor]] = []
+    try:
+        for g in plan.groups:
+            if g.id in chosen:
+                apply_permutation(gm, g, chosen[g.id])
+                applied.append((g, chosen[g.id]))
+        if verify and applied:
+            err = _rel_error(ref, _outputs(gm, args, kwargs))
+            report.max_error = err
+            if err > _tolerance(ref):
+                culprit = _find_culprit(gm, applied, ref, args, kwargs)
+                raise VerificationError(
+                    f"permuting group {culprit.id} ({culprit.kind}, {culprit.size} channels, members "
+                    f"{[m.name for m in culprit.members][:4]}...) changed the model output (relative error "
+                    f"{err:.2e} > {_tolerance(ref):.0e}). All permutations were undone. This is a coupling the "
+                    "analysis missed; please report the model. Workaround: permute(..., perms={...}) "
+                    "without this group."
+                )
+    except Exception:
+        for g, perm in reversed(applied):
+            apply_permutation(gm, g, torch.argsort(perm))
+        raise
+
+    for g, perm in applied:
+        report.permuted.append(g.id)
+        report.perms[g.id] = perm
+    tensors = _tensors(gm)
+    for info in plan.layers:
+        report.kept_after[info.name] = kept_magnitude(tensors[info.name], plan.pattern, info.axis)
+    report.seconds = time.perf_counter() - start
+    log.info("permute: %d groups permuted, max error %.2e", len(report.permuted), report.max_error)
+    return report
+
+
+def _example(gm, example_inputs, example_kwargs, verify):
+    if example_inputs is not None:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        return args, dict(example_kwargs or {})
+    stored = gm.meta.get("nmgraph_example_inputs")
+    if stored is not None:
+        return stored
+    if verify:
+        raise PlanError(
+            "permute(verify=True) needs example inputs: capture the model with nmgraph.capture (which "
+            "records them) or pass example_inputs=."
+        )
+    return (), {}
+
+
+def _find_culprit(gm, applied, ref, args, kwargs) -> PermutationGroup:
+    """Tries each applied group alone to find one whose permutation changes the outputs."""
+    for g, perm in reversed(applied):
+        apply_permutation(gm, g, torch.argsort(perm))
+    try:
+        for g, perm in applied:
+            apply_permutation(gm, g, perm)
+            bad = _rel_error(ref, _outputs(gm, args, kwargs)) > _tolerance(ref)
+            apply_permutation(gm, g, torch.argsort(perm))
+            if bad:
+                return g
+        return applied[-1][0]
+    finally:
+        for g, perm in applied:
+            apply_permutation(gm, g, perm)
