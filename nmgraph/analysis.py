@@ -150,11 +150,15 @@ class _Flow:
     def spaces_of(self, node: fx.Node) -> list[_Space]:
         return [self.spaces[i] for i in self.of_node.get(node, ())]
 
-    def at(self, node: fx.Node, axes: Axes, inner: int = 1) -> int:
-        """The space of ``node`` on exactly ``axes``; created (and explained) if no rule made it."""
+    def at(self, node: fx.Node, axes: Axes, inner: int | None = None) -> int:
+        """The space of ``node`` on exactly ``axes``; created (and explained) if no rule made it.
+
+        ``inner=None`` accepts an existing space with any ``inner`` (and creates one with 1).
+        """
         for s in self.spaces_of(node):
-            if s.axes == tuple(axes) and s.inner == inner:
+            if s.axes == tuple(axes) and (inner is None or s.inner == inner):
                 return s.index
+        inner = 1 if inner is None else inner
         idx = self.new(node, axes, inner)
         if node.op == "get_attr":
             return idx  # a parameter or buffer: it simply becomes a member
@@ -333,8 +337,8 @@ def _softmax(flow: _Flow, node: fx.Node) -> None:
 
 
 def _linear_like(flow: _Flow, node: fx.Node, x: fx.Node, w: fx.Node, b, w_in_axis: int, w_out_axis: int) -> None:
-    x_last = len(_shape(x)) - 1
-    flow.union(flow.at(x, (x_last,)), flow.at(w, (w_in_axis,)), _op_name(node))
+    xs = flow.at(x, (len(_shape(x)) - 1,))
+    flow.union(xs, flow.at(w, (w_in_axis,), flow.spaces[xs].inner), _op_name(node))
     out = flow.new(node, (len(_shape(node)) - 1,))
     flow.union(out, flow.at(w, (w_out_axis,)), _op_name(node))
     if isinstance(b, fx.Node):
@@ -596,6 +600,15 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
     for s in flow.spaces_of(src):
         if chunks is None:
             flow.barrier(s.index, f"{node.name}: reshape {list(ins)} -> {list(outs)} mixes channels")
+            continue
+        if list(s.axes) != sorted(s.axes) and any(
+            any(a in s.axes for a in ci)
+            and (sum(ins[a] != 1 for a in ci) > 1 or sum(outs[a] != 1 for a in cj) > 1)
+            for ci, cj in chunks
+        ):
+            # e.g. ShuffleNet's view-transpose-view: the flattened channel order changes
+            flow.barrier(s.index, f"{node.name}: reshape after a transpose of channel axes reorders channels "
+                         "(channel shuffle)")
             continue
         out_axes: list[int] = []
         inner = s.inner

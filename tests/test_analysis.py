@@ -1,0 +1,417 @@
+"""Coupling analysis: every op-table entry, the known failure shapes of channel permutation, and
+real architectures. Every case permutes all groups randomly and checks outputs are unchanged."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nmgraph
+from nmgraph.analysis import OP_RULES
+
+from . import hf_models
+from .hf_models import first_tensor
+
+log = logging.getLogger(__name__)
+
+
+def _check(model, *args, seeds=(0, 1), **analyze_kwargs):
+    """Captures, analyzes, permutes every group randomly; outputs must equal the untouched copy."""
+    model = model.eval()
+    reference = copy.deepcopy(model)
+    gm = nmgraph.capture(model, args)
+    plan = nmgraph.analyze(gm, "2:4", **analyze_kwargs)
+    with torch.no_grad():
+        ref = first_tensor(reference(*args))
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    for seed in seeds:
+        report = nmgraph.permute(gm, plan, search="random", seed=seed)
+        assert sorted(report.permuted) == sorted(g.id for g in plan.groups)
+    with torch.no_grad():
+        out = first_tensor(gm(*args))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if plan.groups:  # the permutation really moved weights
+        assert any(not torch.equal(before[n], p) for n, p in gm.named_parameters())
+    return plan
+
+
+def _group_with(plan, name, axis=None):
+    for g in plan.groups:
+        if any(m.name == name and (axis is None or m.axis == axis) for m in g.members):
+            return g
+    return None
+
+
+def _barrier_reasons(plan):
+    return " | ".join(b.reason for b in plan.barriers)
+
+
+# ---------------------------------------------------------------- op-table entries (small modules)
+
+
+class MLP(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(8, 16), nn.Linear(16, 8), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.ReLU(), nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid(), nn.Dropout(0.0), nn.Hardtanh(), nn.LeakyReLU(),
+     nn.ELU(), nn.Softplus(), nn.Hardswish(), nn.Softmax(dim=-1)],
+    ids=lambda a: type(a).__name__,
+)
+def test_pointwise_pass_through(act):
+    plan = _check(MLP(act), torch.randn(3, 8))
+    g = _group_with(plan, "fc2.weight", 1)
+    assert g is not None and g.size == 16
+    assert {(m.name, m.axis) for m in g.members} == {("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)}
+
+
+class ScaledMLP(nn.Module):
+    """Per-channel parameter multiply and in-place add: both must move with the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.scale = nn.Parameter(torch.randn(16))
+        self.register_buffer("shift", torch.randn(16))
+
+    def forward(self, x):
+        h = self.fc1(x) * self.scale
+        h = h.clone()
+        h += self.shift  # channel-dependent in-place add
+        return self.fc2(h.relu())
+
+
+def test_broadcast_params_and_inplace_add_move_with_channels():
+    plan = _check(ScaledMLP(), torch.randn(3, 8))
+    g = _group_with(plan, "fc2.weight", 1)
+    assert {m.name for m in g.members} == {"fc1.weight", "fc1.bias", "fc2.weight", "scale", "shift"}
+
+
+class Norms(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 16), norm, nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16), nn.RMSNorm(16)], ids=["layer_norm", "rms_norm"])
+def test_norm_parameters_join(norm):
+    plan = _check(Norms(norm), torch.randn(3, 8))
+    g = _group_with(plan, "fc2.weight", 1)
+    assert ("norm.weight", 0) in {(m.name, m.axis) for m in g.members}
+
+
+class DecomposedRMSNorm(nn.Module):
+    """Llama's RMSNorm as pow/mean/rsqrt/mul: mean over channels is permutation invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.weight = nn.Linear(8, 16), nn.Linear(16, 8), nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.fc2(self.weight * h)
+
+
+def test_decomposed_rms_norm():
+    plan = _check(DecomposedRMSNorm(), torch.randn(3, 8))
+    assert ("weight", 0) in {(m.name, m.axis) for m in _group_with(plan, "fc2.weight", 1).members}
+
+
+class ConvNet(nn.Module):
+    def __init__(self, norm="bn", act=None, pool=True):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = {"bn": nn.BatchNorm2d(8), "gn1": nn.GroupNorm(1, 8), "gn8": nn.GroupNorm(8, 8),
+                     "gn2": nn.GroupNorm(2, 8), "sync": nn.SyncBatchNorm(8)}[norm]
+        self.act = act or nn.ReLU()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        h = self.pool(self.act(self.norm(self.c1(x))))
+        h = F.relu(self.c2(h))
+        return self.fc(torch.flatten(h, 1))
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["bn", "sync", "gn1", "gn8"])
+def test_conv_norm_chain_and_flatten(norm):
+    plan = _check(_randomize_bn(ConvNet(norm)), torch.randn(2, 4, 8, 8))
+    g = _group_with(plan, "c2.weight", 1)
+    names = {m.name for m in g.members}
+    assert {"c1.weight", "c1.bias", "norm.weight", "norm.bias", "c2.weight"} <= names
+    if norm in ("bn", "sync"):  # running statistics move too (SyncBatchNorm included)
+        assert {"norm.running_mean", "norm.running_var"} <= names
+    flat = _group_with(plan, "fc.weight", 1)  # conv channels flattened into the Linear: 16 columns each
+    assert flat is not None and flat.size == 8 and flat.kind == "flatten"
+    assert next(m for m in flat.members if m.name == "fc.weight").inner == 16
+
+
+def test_group_norm_blocks_permutations_to_groups():
+    plan = _check(ConvNet("gn2"), torch.randn(2, 4, 8, 8))
+    assert _group_with(plan, "c2.weight", 1).block == 4
+
+
+def test_prelu_per_channel_weights_move():
+    plan = _check(ConvNet("bn", act=nn.PReLU(8)), torch.randn(2, 4, 8, 8))
+    assert ("act.weight", 0) in {(m.name, m.axis) for m in _group_with(plan, "c2.weight", 1).members}
+
+
+class DepthwiseGrouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c3(self.grouped(self.c2(self.dw(self.c1(x)).relu())).relu())
+
+
+def test_depthwise_passes_channels_grouped_conv_blocks():
+    plan = _check(DepthwiseGrouped(), torch.randn(2, 4, 6, 6))
+    g = _group_with(plan, "c2.weight", 1)
+    assert {"c1.weight", "dw.weight", "dw.bias", "c2.weight"} <= {m.name for m in g.members}
+    assert _group_with(plan, "grouped.weight", 1) is None  # grouped conv input channels stay in place
+    assert "grouped convolution (groups=2)" in _barrier_reasons(plan)
+    assert _group_with(plan, "c3.weight", 1).block == 4  # grouped conv outputs permute within groups
+    assert any(s.name == "dw.weight" and "depthwise" in s.reason for s in plan.skipped)
+
+
+class ConcatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fused = nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(8, 24)
+        self.after_cat, self.p, self.q = nn.Linear(20, 8), nn.Linear(8, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.after_cat(torch.cat([self.a(x).relu(), self.b(x).relu()], dim=-1))
+        p, q = self.fused(x).split([8, 16], dim=-1)
+        return h + self.p(p.relu()).sum(-1, keepdim=True) + self.q(q.relu()).sum(-1, keepdim=True)
+
+
+def test_concat_and_split_segments():
+    plan = _check(ConcatSplit(), torch.randn(3, 8))
+    ga = _group_with(plan, "a.weight", 0)
+    gb = _group_with(plan, "b.weight", 0)
+    assert ga.size == 8 and gb.size == 12 and ga.id != gb.id
+    cat_cols = {m.name: (m.start, m.stop) for m in ga.members + gb.members if m.name == "after_cat.weight"}
+    assert sorted(m.start for m in ga.members + gb.members if m.name == "after_cat.weight") == [0, 8]
+    assert cat_cols
+    gp, gq = _group_with(plan, "p.weight", 1), _group_with(plan, "q.weight", 1)
+    fused_p = next(m for m in gp.members if m.name == "fused.weight")
+    fused_q = next(m for m in gq.members if m.name == "fused.weight")
+    assert (fused_p.start, fused_p.stop, fused_q.start, fused_q.stop) == (0, 8, 8, 24)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def test_gate_up_down_coupled():
+    plan = _check(SwiGLU(), torch.randn(3, 8))
+    g = _group_with(plan, "down.weight", 1)
+    assert {(m.name, m.axis) for m in g.members} == {("gate.weight", 0), ("up.weight", 0), ("down.weight", 1)}
+
+
+class HandWrittenMHA(nn.Module):
+    """Attention written by hand (view/transpose/matmul/softmax), a failure shape of name-based tools."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h, self.d = h, d
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        split = lambda t: t.view(b, s, self.h, self.d // self.h).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = (q @ k.transpose(-2, -1) / (self.d // self.h) ** 0.5).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, s, self.d))
+
+
+class SDPAttention(HandWrittenMHA):
+    def forward(self, x):
+        b, s, _ = x.shape
+        split = lambda t: t.view(b, s, self.h, self.d // self.h).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(out.transpose(1, 2).reshape(b, s, self.d))
+
+
+@pytest.mark.parametrize("cls", [HandWrittenMHA, SDPAttention])
+def test_attention_heads(cls):
+    plan = _check(cls(), torch.randn(2, 5, 32))
+    vo = _group_with(plan, "o.weight", 1)
+    assert {(m.name, m.axis) for m in vo.members} == {("v.weight", 0), ("v.bias", 0), ("o.weight", 1)}
+    assert vo.block == 8 and vo.kind == "heads"
+    qk = _group_with(plan, "q.weight", 0)
+    assert {m.name for m in qk.members} == {"q.weight", "q.bias", "k.weight", "k.bias"} and qk.block == 8
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        b, c, hh, ww = h.shape
+        h = h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        return self.c2(h)
+
+
+def test_channel_shuffle_is_a_barrier():
+    plan = _check(ChannelShuffle(), torch.randn(2, 4, 3, 3))
+    assert _group_with(plan, "c1.weight", 0) is None and _group_with(plan, "c2.weight", 1) is None
+    assert "channel shuffle" in _barrier_reasons(plan)
+
+
+class NameCollision(nn.Module):
+    """``blk1.0`` and ``blk10``: identical once punctuation is stripped."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk1 = nn.Sequential(nn.Linear(8, 16))
+        self.blk10 = nn.Linear(16, 8)
+        self.blk100 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.blk100(self.blk10(self.blk1(x).relu()).relu())
+
+
+def test_name_collisions_are_distinct():
+    plan = _check(NameCollision(), torch.randn(3, 8))
+    g = _group_with(plan, "blk10.weight", 1)
+    assert {(m.name, m.axis) for m in g.members} == {("blk1.0.weight", 0), ("blk1.0.bias", 0), ("blk10.weight", 1)}
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+
+def test_op_outside_table_is_barrier_naming_op():
+    plan = _check(Unknown(), torch.randn(3, 8))
+    assert _group_with(plan, "fc2.weight", 1) is None
+    assert "aten.cumsum.default is not in nmgraph's op table" in _barrier_reasons(plan)
+    assert plan.layer("fc2.weight").group is None if any(i.name == "fc2.weight" for i in plan.layers) else True
+
+
+class Misc(nn.Module):
+    """Transpose, unsqueeze/expand, mean over channels, pad, embedding feeding a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + h.mean(-1, keepdim=True)  # channel-invariant statistic broadcast back
+        h = self.fc1(h).transpose(0, 1).transpose(0, 1)
+        h = F.pad(h, (0, 0, 1, 1))  # pads the sequence axis only
+        return self.fc2(h.relu())
+
+
+def test_misc_ops_and_embedding_source():
+    plan = _check(Misc(), torch.randint(0, 10, (2, 5)))
+    g = _group_with(plan, "fc1.weight", 1)
+    assert ("emb.weight", 1) in {(m.name, m.axis) for m in g.members}
+    assert _group_with(plan, "fc2.weight", 1) is not None
+
+
+def test_table_is_keyed_by_op_overloads():
+    assert all(isinstance(k, torch._ops.OpOverload) or callable(k) for k in OP_RULES)
+    assert torch.ops.aten.linear.default in OP_RULES
+
+
+def test_analyze_is_pure_and_reports_skips():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    gm = nmgraph.capture(model, (torch.randn(2, 8),))
+    code = gm.code
+    plan = nmgraph.analyze(gm, "2:4", exclude=["0"])
+    assert gm.code == code
+    reasons = dict(plan.skipped)
+    assert reasons["0.weight"] == "excluded by pattern '0'"
+    assert "not divisible by M=4" in reasons["2.weight"]
+    assert reasons["4.weight"].startswith("output head kept dense")
+    plan2 = nmgraph.analyze(gm, "2:4", include=["4"])
+    assert [i.name for i in plan2.layers] == ["0.weight", "4.weight"]
+    assert '"pattern": "2:4"' in plan.to_json() and "left dense" in str(plan)
+
+
+# ---------------------------------------------------------------- real architectures
+
+
+def _count(plan, kind=None, size=None):
+    return sum((kind is None or g.kind == kind) and (size is None or g.size == size) for g in plan.groups)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,expect",
+    [
+        # residual stream: one group; per layer: FFN (128), V/O heads (64, block 16), Q/K heads
+        ("bert", {}, {"residual": 64, "ffn": (128, 2), "heads": 4, "eligible": 13}),
+        ("gpt2", {}, {"residual": 64, "ffn": (256, 2), "heads": 4, "eligible": 8}),
+        ("llama", {"kv_heads": 4}, {"residual": 64, "ffn": (128, 2), "heads": 2, "eligible": 14}),
+        ("llama", {"kv_heads": 2}, {"residual": 64, "ffn": (128, 2), "heads": 0, "eligible": 14}),
+        ("vit", {}, {"residual": 64, "ffn": (128, 2), "heads": 4, "eligible": 12}),
+    ],
+    ids=["bert", "gpt2", "llama", "llama-gqa", "vit"],
+)
+def test_transformers(name, kwargs, expect):
+    model, args = hf_models.FACTORIES[name](**kwargs)
+    plan = _check(model, *args)
+    assert len(plan.layers) == expect["eligible"]
+    residual = [g for g in plan.groups if g.size == expect["residual"] and g.kind == "channels"
+                and len(g.consumers) >= 4]
+    assert len(residual) == 1, "the residual stream is one group spanning all layers"
+    assert len(residual[0].consumers) >= 2 * 2
+    assert _count(plan, "channels", expect["ffn"][0]) == expect["ffn"][1]
+    assert _count(plan, "heads") == expect["heads"]
+    log.info("%s: %.0f%% of eligible weights have permutable input channels", name, 100 * plan.permutable_fraction)
+    print(f"{name}{kwargs}: permutable fraction {plan.permutable_fraction:.2f}")
+    if name == "llama" and kwargs["kv_heads"] == 2:
+        assert "grouped-query attention" in _barrier_reasons(plan)
+
+
+@pytest.mark.parametrize("name,groups,fraction", [("resnet", 6, 1.0), ("convnext", 4, 1.0), ("mobilenet_v2", 25, 1.0)])
+def test_cnns(name, groups, fraction):
+    model, args = hf_models.FACTORIES[name]()
+    _randomize_bn(model)
+    plan = _check(model, *args)
+    assert len(plan.groups) == groups
+    assert plan.permutable_fraction == fraction
+    print(f"{name}: permutable fraction {plan.permutable_fraction:.2f}")
