@@ -1,0 +1,627 @@
+"""Export an N:M model to ONNX (and TensorRT), verified numerically and checked for eligibility.
+
+:func:`export` takes a model or GraphModule whose eligible weights are already N:M (the output of
+:func:`nmgraph.convert`, or a model pruned by hand); when none of them is, it runs ``convert``
+first. It then
+
+1. exports with ``torch.onnx.export(..., dynamo=True)``; if that fails, with the TorchScript
+   exporter (``exporter="auto"``; the report says which one ran and why the first failed);
+2. validates the file with ``onnx.checker``;
+3. runs onnxruntime on the example inputs and compares every output with PyTorch
+   (``|ort - torch| <= atol + rtol * |torch|``; defaults in :data:`TOLERANCES`), and with
+   ``dynamic_batch=True`` also at batch size + 1;
+4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.onnx_check.check_onnx`) and lists
+   the eligible weights and every weight whose pattern was lost in export, with the reason.
+
+``fp16=True`` exports a float16 copy of the model (the caller's model is not touched) and compares
+onnxruntime with that copy. Zeros stay zeros in float16, so the pattern survives the cast.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmgraph.errors import (
+    BackendUnavailableError,
+    CaptureError,
+    PlanError,
+    StrictModeError,
+    UnsupportedError,
+    VerificationError,
+)
+from nmgraph.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm
+from nmgraph.pattern import Pattern, PatternLike, is_nm
+from nmgraph.plan import Skip, SparsityPlan
+
+__all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+#: (rtol, atol) of the onnxruntime-vs-PyTorch comparison, by the dtype the model is exported in.
+#: float32: onnxruntime and PyTorch differ only in summation order (measured max |diff| about
+#: 1e-6 on the test models); float16 exports are compared with the float16 PyTorch copy.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-3, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+_DEFAULT_TORCHSCRIPT_OPSET = 17
+_LINEAR_OPS = ("linear",)
+_KN_OPS = ("addmm", "mm", "matmul")
+_CONV_OPS = ("convolution", "conv1d", "conv2d", "conv3d")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export` produced and what TensorRT will be able to run sparse.
+
+    ``check`` is the ONNX eligibility report; ``model_dense`` the candidate weights that were
+    not N:M in the PyTorch model (with the reason), ``plan_violations`` those among them that the
+    plan said should be; ``max_abs_diff`` the largest onnxruntime-vs-PyTorch difference per output.
+    """
+
+    path: str
+    format: str
+    pattern: Pattern
+    exporter: str
+    opset: int | None
+    fp16: bool
+    dynamic_batch: bool
+    check: OnnxSparsityReport
+    onnx_path: str
+    converted: bool = False
+    model_dense: tuple[Skip, ...] = ()
+    plan_violations: tuple[Skip, ...] = ()
+    max_abs_diff: tuple[float, ...] = ()
+    tolerance: tuple[float, float] | None = None
+    verified: bool = False
+    exporter_fallback: str | None = None
+    engine_path: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def eligible(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.check.eligible)
+
+    @property
+    def lost(self) -> tuple[Skip, ...]:
+        """Weights meant to be N:M that TensorRT will not see as N:M, with the reason."""
+        from_graph = tuple(Skip(layer.name, layer.reason) for layer in self.check.lost)
+        return self.plan_violations + from_graph
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "pattern": str(self.pattern),
+            "exporter": self.exporter,
+            "exporter_fallback": self.exporter_fallback,
+            "opset": self.opset,
+            "fp16": self.fp16,
+            "dynamic_batch": self.dynamic_batch,
+            "onnx_path": self.onnx_path,
+            "engine_path": self.engine_path,
+            "converted": self.converted,
+            "verified": self.verified,
+            "max_abs_diff": list(self.max_abs_diff),
+            "tolerance": None if self.tolerance is None else {"rtol": self.tolerance[0],
+                                                              "atol": self.tolerance[1]},
+            "eligible": list(self.eligible),
+            "lost": [{"name": s.name, "reason": s.reason} for s in self.lost],
+            "model_dense": [{"name": s.name, "reason": s.reason} for s in self.model_dense],
+            "check": self.check.to_dict(),
+            "seconds": dict(self.seconds),
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), **({"indent": 2} | kwargs))
+
+    def __str__(self) -> str:
+        diff = max(self.max_abs_diff) if self.max_abs_diff else float("nan")
+        lines = [
+            f"export {self.format} -> {self.path} ({self.exporter} exporter, opset {self.opset}, "
+            f"{'fp16' if self.fp16 else 'fp32'}{', dynamic batch' if self.dynamic_batch else ''})",
+            f"  onnxruntime vs torch: max |diff| {diff:.3g}"
+            + (f" (rtol {self.tolerance[0]:g}, atol {self.tolerance[1]:g})" if self.tolerance else ""),
+            f"  {len(self.eligible)} weights eligible for {self.pattern} sparse math, "
+            f"{len(self.lost)} lost, {len(self.check.dense)} dense",
+        ]
+        lines.extend(f"  LOST {s.name}: {s.reason}" for s in self.lost)
+        lines.extend(f"  dense in model: {s.name}: {s.reason}" for s in self.model_dense
+                     if s not in self.plan_violations)
+        return "\n".join(lines)
+
+
+def sparse_weight_axes(
+    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None
+) -> tuple[dict[str, int], list[Skip]]:
+    """The weights that can be N:M (``{name: reduction axis}``) and those that cannot, with reasons.
+
+    With a plan: its layers and skips. Otherwise from the model itself: ``nn.Linear`` weights
+    (axis 1), ``ConvNd`` weights (axis 1, input channels), transformers' ``Conv1D`` (axis 0), and
+    in a captured GraphModule the weights read by ``aten.linear`` (axis 1), ``addmm``/``mm``/
+    ``matmul`` (axis 0) and convolutions (axis 1). A weight whose reduction size is not divisible
+    by M is a skip. Tied weights are listed once, under their first name.
+    """
+    p = Pattern.parse(pattern)
+    if plan is not None:
+        return {info.name: info.axis for info in plan.layers}, list(plan.skipped)
+    found: dict[str, int] = {}
+    conv1d = _hf_conv1d_class()
+    for mname, mod in model.named_modules():
+        axis = None
+        if isinstance(mod, torch.nn.Linear) or (isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed):
+            axis = 1
+        elif conv1d is not None and isinstance(mod, conv1d):
+            axis = 0
+        w = getattr(mod, "weight", None)
+        if axis is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            found.setdefault(f"{mname}.weight" if mname else "weight", axis)
+    if isinstance(model, torch.fx.GraphModule):
+        for name, axis in _graph_weight_axes(model).items():
+            found.setdefault(name, axis)
+    aliases = _aliases(model)
+    out: dict[str, int] = {}
+    skips: list[Skip] = []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, axis in found.items():
+        canon = aliases.get(name, name)
+        if canon in out or name not in params:
+            continue
+        k = params[name].shape[axis]
+        if k % p.m:
+            skips.append(Skip(canon, f"reduction dim {axis} has size {k}, not divisible by M={p.m}"))
+        else:
+            out[canon] = axis
+    return out, skips
+
+
+def export(
+    model_or_gm: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Sequence[Any] | Any,
+    pattern: PatternLike = "2:4",
+    format: str = "onnx",
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    plan: SparsityPlan | None = None,
+    opset: int | None = None,
+    fp16: bool = False,
+    dynamic_batch: bool = False,
+    exporter: str = "auto",
+    convert: bool | str = "auto",
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    strict: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    tensorrt_options: Mapping[str, Any] | None = None,
+) -> ExportReport:
+    """Exports ``model_or_gm`` to ``path`` and reports which weights TensorRT can run N:M.
+
+    ``format="onnx"`` writes ``path``; ``format="tensorrt"`` writes the ONNX next to it
+    (``path`` with suffix ``.onnx``) and builds a TensorRT engine at ``path`` with sparse weights
+    enabled (needs ``nmgraph[tensorrt]`` and an NVIDIA GPU; checked before anything else runs).
+    ``convert``: ``"auto"`` runs :func:`nmgraph.convert` only when no candidate weight is N:M yet;
+    ``True`` always, ``False`` never. ``strict=True`` raises :class:`StrictModeError` when a weight
+    the plan or the model holds as N:M is not eligible in the ONNX graph.
+    Raises :class:`VerificationError` when onnxruntime's outputs differ from PyTorch's beyond
+    ``rtol``/``atol`` (defaults by dtype in :data:`TOLERANCES`).
+    """
+    p = Pattern.parse(pattern)
+    if format not in FORMATS:
+        raise UnsupportedError(
+            f"export(format={format!r}) is not supported; use one of {', '.join(map(repr, FORMATS))}."
+        )
+    if exporter not in EXPORTERS:
+        raise UnsupportedError(
+            f"export(exporter={exporter!r}) is not one of {', '.join(map(repr, EXPORTERS))}."
+        )
+    if convert not in ("auto", True, False):
+        raise UnsupportedError(f"export(convert={convert!r}) must be 'auto', True or False.")
+    if isinstance(model_or_gm, torch.export.ExportedProgram):
+        model_or_gm = model_or_gm.module()
+    if not isinstance(model_or_gm, torch.nn.Module):
+        raise UnsupportedError(
+            f"export() needs a torch.nn.Module or GraphModule, got {type(model_or_gm).__name__}."
+        )
+    trt = None
+    if format == "tensorrt":
+        from nmgraph import tensorrt as trt
+
+        trt.require_tensorrt()
+    _require_onnx()
+    path = Path(path)
+    onnx_path = path.with_suffix(".onnx") if format == "tensorrt" else path
+    if onnx_path.parent and not onnx_path.parent.exists():
+        raise UnsupportedError(f"Output directory {str(onnx_path.parent)!r} does not exist; create it first.")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(kwargs or {})
+    seconds: dict[str, float] = {}
+
+    module = model_or_gm
+    axes, skips = sparse_weight_axes(module, p, plan)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
+    converted = False
+    if convert is True or (convert == "auto" and nm and not any(nm.values())):
+        t0 = time.perf_counter()
+        module = _run_convert(module, args, kwargs, p, plan)
+        seconds["convert"] = time.perf_counter() - t0
+        converted = True
+        axes, skips = sparse_weight_axes(module, p, plan)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
+    model_dense = list(skips)
+    violations: list[Skip] = []
+    for name, ok in nm.items():
+        if ok:
+            continue
+        skip = Skip(name, f"not {p} in the model: {diagnose_nm(params[name], p, axes[name]).reason}")
+        model_dense.append(skip)
+        if plan is not None:
+            violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
+    missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
+    if missing:
+        raise PlanError(
+            f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
+        )
+
+    export_module, export_args, export_kwargs = module, args, kwargs
+    if fp16:
+        export_module = copy.deepcopy(module).to(torch.float16)
+        export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
+    export_module.eval()
+    t0 = time.perf_counter()
+    used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
+                              dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
+                              output_names=output_names)
+    seconds["export"] = time.perf_counter() - t0
+    onnx_opset = _check_model(onnx_path)
+
+    diffs: tuple[float, ...] = ()
+    tol = None
+    if verify:
+        t0 = time.perf_counter()
+        dtype = torch.float16 if fp16 else _model_dtype(module)
+        default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+        tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+        diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
+        seconds["verify"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    expected = {name for name, ok in nm.items() if ok}
+    check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
+    seconds["check"] = time.perf_counter() - t0
+    engine = None
+    report = ExportReport(
+        path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
+        dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
+        model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
+        tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
+    )
+    if strict and report.lost:
+        raise StrictModeError(
+            f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
+            + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
+        )
+    for s in violations:
+        log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
+    if trt is not None:
+        t0 = time.perf_counter()
+        engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
+                                  dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
+        seconds["tensorrt"] = time.perf_counter() - t0
+        report = _replace(report, engine_path=str(engine))
+    log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
+             len(check.dense))
+    return report
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def _replace(report: ExportReport, **changes: Any) -> ExportReport:
+    import dataclasses
+
+    return dataclasses.replace(report, **changes)
+
+
+def _require_onnx() -> None:
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"ONNX export needs {mod}: pip install 'nmgraph[onnx]' (onnx, onnxruntime, onnxscript)."
+            ) from e
+
+
+def _optional(module: str, attr: str) -> Any:
+    """``module.attr`` if that nmgraph module exists, else ``None`` (it may not be installed yet)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
+    return getattr(mod, attr, None)
+
+
+def _run_convert(module, args, kwargs, p: Pattern, plan) -> torch.nn.Module:
+    convert_fn = _optional("nmgraph.training", "convert")
+    if convert_fn is None:
+        raise UnsupportedError(
+            f"No weight of {type(module).__name__} is {p} yet and nmgraph.convert is not available "
+            f"in this install. Prune first (w.mul_(nmgraph.nm_mask(w, '{p}')) on every Linear/Conv "
+            "weight) or install the full nmgraph."
+        )
+    from nmgraph.capture import capture
+
+    gm = module if isinstance(module, torch.fx.GraphModule) else capture(module, args, kwargs)
+    extra = {"plan": plan} if plan is not None and _accepts(convert_fn, "plan") else {}
+    out = convert_fn(gm, pattern=p, **extra)
+    return getattr(out, "gm", out)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _model_dtype(module: torch.nn.Module) -> torch.dtype:
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    from torch.utils import _pytree
+
+    return _pytree.tree_map(
+        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
+    )
+
+
+def _hf_conv1d_class() -> type | None:
+    import sys
+
+    if "transformers" not in sys.modules:
+        return None  # nothing can be an instance of it
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _graph_weight_axes(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Weights read directly (``get_attr``) by GEMM / conv nodes of a captured graph."""
+    aten = torch.ops.aten
+    rules: dict[Any, tuple[int, int]] = {}  # op -> (weight arg index, reduction axis)
+    for name in _LINEAR_OPS:
+        rules[getattr(aten, name).default] = (1, 1)
+    rules[aten.addmm.default] = (2, 0)
+    rules[aten.mm.default] = (1, 0)
+    rules[aten.matmul.default] = (1, 0)
+    for name in _CONV_OPS:
+        op = getattr(aten, name)
+        for overload in op.overloads():
+            rules[getattr(op, overload)] = (1, 1)
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in rules:
+            continue
+        idx, axis = rules[node.target]
+        if len(node.args) <= idx:
+            continue
+        w = node.args[idx]
+        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
+            continue
+        if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6]:
+            continue  # transposed convolution
+        out.setdefault(str(w.target), axis)
+    return out
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    from nmgraph.onnx_check import parameter_aliases
+
+    return parameter_aliases(model)
+
+
+def _flat_tensors(tree: Any) -> list[torch.Tensor]:
+    from torch.utils import _pytree
+
+    return [x for x in _pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    from torch.utils import _pytree
+
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(x: Any) -> Any:
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+    if not kwargs:
+        return tuple(_pytree.tree_map(spec, a) for a in args)
+    import inspect
+
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise UnsupportedError(
+            f"dynamic_batch=True: cannot match the example inputs to {type(module).__name__}.forward's "
+            f"parameters ({e}); pass all inputs positionally."
+        ) from e
+    return {k: _pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
+
+
+def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter, input_names,
+             output_names) -> tuple[str, str | None]:
+    """Runs the exporter(s); returns the one used and why the dynamo exporter was not (if so)."""
+    failures: list[str] = []
+    if exporter in ("auto", "dynamo"):
+        try:
+            dynamic_shapes = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                    dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+                    optimize=True, verbose=False,
+                )
+            program.save(os.fspath(path))
+        except UnsupportedError:
+            raise
+        except Exception as e:
+            failures.append(f"torch.onnx.export(dynamo=True): {type(e).__name__}: {_first_line(e)}")
+            log.debug("dynamo ONNX export failed", exc_info=True)
+            if exporter == "dynamo":
+                raise CaptureError(
+                    f"ONNX export of {type(module).__name__} failed: {failures[-1]}. Try "
+                    "exporter='torchscript', or pass dynamic_batch=False."
+                ) from e
+        else:
+            return "dynamo", None
+    n_inputs = len(_flat_tensors((args, kwargs)))
+    names = list(input_names) if input_names else [f"input_{i}" for i in range(n_inputs)]
+    dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, os.fspath(path), kwargs=kwargs or None, dynamo=False,
+                opset_version=opset or _DEFAULT_TORCHSCRIPT_OPSET, input_names=names,
+                output_names=list(output_names) if output_names else None, dynamic_axes=dynamic_axes,
+            )
+    except Exception as e:
+        failures.append(f"torch.onnx.export(dynamo=False): {type(e).__name__}: {_first_line(e)}")
+        log.debug("TorchScript ONNX export failed", exc_info=True)
+        raise CaptureError(
+            f"ONNX export of {type(module).__name__} failed:\n"
+            + "\n".join(f"  - {f}" for f in failures)
+            + "\nTry: pass example inputs exactly as the model is called, use_cache=False for HF "
+            "decoders, or a newer opset (opset=...)."
+        ) from e
+    return "torchscript", (failures[0] if failures else None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _check_model(path: Path) -> int | None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path))
+    except onnx.checker.ValidationError as e:
+        raise VerificationError(f"onnx.checker rejected {str(path)!r}: {_first_line(e)}") from e
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _verify(module, args, kwargs, path: Path, tol: tuple[float, float], dynamic_batch: bool) -> tuple[float, ...]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    diffs = list(_compare(module, args, kwargs, session, tol, "the example inputs"))
+    if dynamic_batch:
+        bigger = _grow_batch((args, kwargs))
+        diffs = [max(a, b) for a, b in zip(diffs, _compare(module, *bigger, session, tol,
+                                                           "the example inputs at batch size + 1"))]
+    return tuple(diffs)
+
+
+def _grow_batch(tree: Any) -> Any:
+    from torch.utils import _pytree
+
+    def grow(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return torch.cat([x, x[:1]])
+        return x
+
+    return _pytree.tree_map(grow, tree)
+
+
+def _compare(module, args, kwargs, session, tol, what: str) -> list[float]:
+    feeds_t = _flat_tensors((args, kwargs))
+    inputs = session.get_inputs()
+    if len(inputs) != len(feeds_t):
+        raise VerificationError(
+            f"The ONNX graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}) but the "
+            f"example inputs hold {len(feeds_t)} tensors; pass inputs exactly as the model is called."
+        )
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_t)}
+    with torch.no_grad():
+        ref = _flat_tensors(module(*args, **kwargs))
+    got = session.run(None, feeds)
+    if len(got) != len(ref):
+        raise VerificationError(
+            f"onnxruntime returned {len(got)} outputs on {what}, PyTorch {len(ref)}; the export "
+            "dropped or added outputs."
+        )
+    rtol, atol = tol
+    diffs = []
+    for i, (g, r) in enumerate(zip(got, ref)):
+        g_t = torch.from_numpy(g)
+        if tuple(g_t.shape) != tuple(r.shape):
+            raise VerificationError(
+                f"Output {i} has shape {tuple(g_t.shape)} in onnxruntime and {tuple(r.shape)} in "
+                f"PyTorch on {what}."
+            )
+        if not r.is_floating_point():
+            bad = int((g_t != r.cpu()).sum())
+            if bad:
+                raise VerificationError(f"Output {i} ({r.dtype}) differs in {bad} entries on {what}.")
+            diffs.append(0.0)
+            continue
+        g64, r64 = g_t.double(), r.detach().cpu().double()
+        err = (g64 - r64).abs()
+        limit = atol + rtol * r64.abs()
+        worst = float(err.max()) if err.numel() else 0.0
+        if not bool((err <= limit).all()) or (math.isnan(worst) and not torch.isnan(r64).all()):
+            idx = int(torch.argmax(err - limit))
+            raise VerificationError(
+                f"onnxruntime output {i} differs from PyTorch on {what}: max |diff| {worst:.3g} "
+                f"(at flat index {idx}) exceeds atol {atol:g} + rtol {rtol:g} * |torch|. The export "
+                "changed the model's numerics; try exporter='torchscript', or loosen rtol/atol if "
+                "the model is numerically sensitive."
+            )
+        diffs.append(worst)
+    return diffs
