@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from nmgraph.backends import Backend
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import BackendUnavailableError, ShapeError, UnsupportedError
 
-__all__ = ["SMALL_M", "SUPPORTED_DTYPES", "is_available", "nm_linear", "unavailable_reason"]
+__all__ = ["SMALL_M", "SUPPORTED_DTYPES", "TritonBackend", "is_available", "nm_linear", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +400,27 @@ def _check_config(config: Mapping[str, int], small: bool) -> dict[str, int]:
             f"(M <= {SMALL_M}); use SPLIT_K=1 for larger M."
         )
     return meta
+
+
+class TritonBackend(Backend):
+    """nmgraph's Triton N:M kernel (:func:`nm_linear`)."""
+
+    name = "triton"
+
+    def device_reason(self, device: torch.device) -> str | None:
+        return unavailable_reason(device)
+
+    def layer_reason(self, weight: CompressedNM, dtype: torch.dtype) -> str | None:
+        if len(weight.shape) != 2:
+            return f"weight of shape {weight.shape} is not a 2-D linear weight"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"activation dtype {dtype} is not one of {', '.join(map(str, SUPPORTED_DTYPES))}"
+        if weight.dtype != dtype:
+            return f"weight values are {weight.dtype} but activations are {dtype}"
+        return None
+
+    def prepare(self, weight: CompressedNM) -> CompressedNM:
+        return weight
+
+    def run(self, x: torch.Tensor, prepared: CompressedNM, bias: torch.Tensor | None) -> torch.Tensor:
+        return nm_linear(x, prepared, bias)
