@@ -29,24 +29,44 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     pattern = nmgraph.Pattern.parse("2:4")
     model, args = build_model()
+    with torch.no_grad():
+        reference = model(*args).logits
+
+    # 1. Capture
     gm = nmgraph.capture(model, args)
     print(f"captured {type(model).__name__}: {len(gm.graph.nodes)} nodes "
           f"(via {gm.meta['nmgraph_capture']})\n")
 
-    print(f"{'layer':<45} {'shape':<12} {'kept |w| %':>10} {'dense B':>9} {'2:4 B':>9}")
+    # 2. Analysis: eligible weights, weights left dense (with reasons), permutation groups
+    plan = nmgraph.analyze(gm, pattern)
+    print(plan, "\n")
+
+    # 3. Permutation: kept magnitude with identity, a random and a searched channel order
+    report = nmgraph.permute(gm, plan, search="random", seed=0)
+    random_kept = dict(report.kept_after)
+    nmgraph.permute(gm, plan, perms={g: torch.argsort(p) for g, p in report.perms.items()})  # undo
+    searched = nmgraph.permute(gm, plan, search="greedy", seed=0)
+    print(f"{'layer':<52} {'identity':>9} {'random':>9} {'greedy':>9}")
+    for info in plan.layers:
+        print(f"{info.name:<52} {100 * searched.kept_before[info.name]:>8.2f}% "
+              f"{100 * random_kept[info.name]:>8.2f}% {100 * searched.kept_after[info.name]:>8.2f}%")
+    with torch.no_grad():
+        err = (model(*args).logits - reference).abs().max().item()
+    print(f"output change after permuting {len(searched.permuted)} groups: {err:.2e} (verified)\n")
+
+    # 4. Storage of the 2:4 weights
+    print(f"{'layer':<52} {'shape':<12} {'kept |w| %':>10} {'dense B':>9} {'2:4 B':>9}")
     total_dense = total_sparse = 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        w = mod.weight.detach().half()
-        mask = nmgraph.nm_mask(w, pattern)
+    for info in plan.layers:
+        w = gm.get_parameter(info.name).detach().half()
+        mask = nmgraph.nm_mask(w, pattern, axis=info.axis)
         kept = (w.float().abs() * mask).sum() / w.float().abs().sum()
-        c = nmgraph.compress(w * mask, pattern)
+        c = nmgraph.compress(w * mask, pattern, axis=info.axis)
         total_dense += c.dense_nbytes
         total_sparse += c.nbytes
         shape = "x".join(map(str, w.shape))
-        print(f"{name:<45} {shape:<12} {100 * kept:>9.1f}% {c.dense_nbytes:>9} {c.nbytes:>9}")
-    print(f"\nLinear weights (fp16): {total_dense} B dense -> {total_sparse} B as 2:4 "
+        print(f"{info.name:<52} {shape:<12} {100 * kept:>9.1f}% {c.dense_nbytes:>9} {c.nbytes:>9}")
+    print(f"\neligible weights (fp16): {total_dense} B dense -> {total_sparse} B as 2:4 "
           f"({total_sparse / total_dense:.4f} of dense)")
 
 

@@ -106,6 +106,13 @@ def apply_permutation(gm: fx.GraphModule, group: PermutationGroup, perm: torch.T
                     f"group {group.id} names {m.name!r}, which this graph module does not have; the plan "
                     "was made for another graph. Re-run nmgraph.analyze on this graph."
                 )
+            stop = m.start + group.size * m.inner
+            if m.axis >= t.dim() or t.shape[m.axis] < stop or (m.stop is not None and m.stop != stop):
+                raise PlanError(
+                    f"group {group.id} expects {m.name!r} to hold channels {m.start}:{stop} of axis {m.axis}, "
+                    f"but it has shape {tuple(t.shape)}; the plan was made for another graph. Re-run "
+                    "nmgraph.analyze on this graph."
+                )
             key = (id(t), m.axis, m.start)
             if key in done:
                 continue
@@ -190,8 +197,9 @@ def permute(
     report = PermuteReport()
     tensors = _tensors(gm)
     for info in plan.layers:
-        if info.name not in tensors:
-            raise PlanError(f"plan layer {info.name!r} is not a parameter of this graph module; re-run analyze.")
+        if info.name not in tensors or tuple(tensors[info.name].shape) != info.shape:
+            raise PlanError(f"plan layer {info.name!r} {list(info.shape)} is not a parameter of this graph module "
+                            "with that shape; re-run analyze on this graph.")
         report.kept_before[info.name] = kept_magnitude(tensors[info.name], plan.pattern, info.axis)
 
     args, kwargs = _example(gm, example_inputs, example_kwargs, verify)
