@@ -1,0 +1,378 @@
+"""N:M sparse training: ``prepare`` a model with mask nodes, advance the schedule, ``convert`` to N:M.
+
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> x = torch.randn(2, 8)
+>>> gm = prepare(model, (x,), "2:4", method="sr-ste")
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> callback = SparsityCallback(gm)
+>>> for _ in range(3):
+...     gm(x).square().mean().backward()
+...     opt.step(); opt.zero_grad(); _ = callback.step()
+>>> inference = convert(gm)
+>>> import nmgraph
+>>> nmgraph.is_nm(model[0].weight, "2:4")  # model[2] is the output head, kept dense by analyze
+True
+
+The prepared graph's ``train()``/``eval()`` switch the mask nodes between the training forward and
+the hard N:M forward (and ``aten.dropout`` nodes between on and off). Graphs from ``torch.export``
+refuse ``train()``/``eval()`` by default; :func:`prepare` installs these two methods on the instance,
+as torch's own ``ExportedProgram.module()`` does for its refusing ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from nmgraph.analysis import analyze
+from nmgraph.capture import capture
+from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
+from nmgraph.masking import MASK_OP
+from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
+from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
+from nmgraph.passes.permute_channels import permute as permute_channels
+from nmgraph.passes.runner import run_passes
+from nmgraph.pattern import Pattern, is_nm, nm_mask
+from nmgraph.plan import LayerInfo, Skip, SparsityPlan
+from nmgraph.schedule import Fixed, Schedule, SparsityState, TrainingConfig, method_from_name
+from nmgraph.telemetry import SADTracker
+
+__all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
+
+log = logging.getLogger(__name__)
+
+_DROPOUT = torch.ops.aten.dropout.default
+
+
+def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
+    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+
+
+def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool = True) -> bool:
+    """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
+
+    With ``dropout`` the ``aten.dropout`` nodes are switched on/off too. The graph is recompiled
+    only if a node changed (under ``torch.compile`` that is one recompilation per switch). Sets
+    ``training`` on ``gm``'s modules. Returns whether the graph changed.
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is MASK_OP and node.args[6] is training:
+            node.update_arg(6, not training)
+            changed = True
+        elif dropout and node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not training:
+            node.update_arg(2, training)
+            changed = True
+    if changed:
+        gm.recompile()
+    torch.nn.Module.train(gm, training)
+    return changed
+
+
+def _install_train_eval(gm: fx.GraphModule) -> None:
+    def train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+        set_mode(self, mode)
+        return self
+
+    def eval(self: fx.GraphModule) -> fx.GraphModule:
+        set_mode(self, False)
+        return self
+
+    gm.train = types.MethodType(train, gm)
+    gm.eval = types.MethodType(eval, gm)
+
+
+def _check_scores(scores: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo]) -> None:
+    shapes = {info.name: tuple(info.shape) for info in layers}
+    for name, s in scores.items():
+        if name not in shapes:
+            raise PlanError(f"saliency has a score for {name!r}, which is not an eligible weight of the plan.")
+        if tuple(s.shape) != shapes[name]:
+            raise PlanError(
+                f"saliency score for {name!r} has shape {tuple(s.shape)}, the weight {shapes[name]}."
+            )
+
+
+def prepare(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | Any = None,
+    pattern: Pattern | str | tuple[int, int] = "2:4",
+    method: str | Any = "sr-ste",
+    permute: bool = True,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    plan: SparsityPlan | None = None,
+    total_steps: int | None = None,
+    warmup: float = 0.0,
+    finetune: float = 0.0,
+    update_interval: int = 1,
+    schedule: Schedule | None = None,
+    saliency: str | Mapping[str, torch.Tensor] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    search: str = "greedy",
+    seed: int = 0,
+) -> fx.GraphModule:
+    """Returns a trainable GraphModule in which every eligible weight reaches its consumer through a mask node.
+
+    ``model`` is captured with :func:`nmgraph.capture` (an already captured graph is used and
+    modified in place); parameters stay the model's own, so an optimizer may be built on either.
+    ``method`` is a name (``"ste"``, ``"sr-ste"``, ``"mdgf-linear"``, ``"mdgf-exp"``,
+    ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
+    :mod:`nmgraph.schedule`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
+    ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
+    ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
+    ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
+
+    Call :class:`SparsityCallback` ``.step()`` after every optimizer step.
+    """
+    p = Pattern.parse(pattern)
+    method_cfg = method_from_name(method)
+    if schedule is None:
+        schedule = Schedule(total_steps, warmup, finetune, update_interval)
+    elif (total_steps, warmup, finetune, update_interval) != (None, 0.0, 0.0, 1):
+        raise PlanError("Pass either schedule= or total_steps/warmup/finetune/update_interval, not both.")
+    config = TrainingConfig(p, method_cfg, schedule)
+    scores: Mapping[str, torch.Tensor] | None = None
+    if isinstance(saliency, Mapping):
+        scores = saliency
+    elif saliency not in (None, "magnitude"):
+        raise PlanError(
+            f"prepare(saliency={saliency!r}): pass 'magnitude' or a mapping weight name -> score "
+            "(see nmgraph.saliency.first_order / second_order)."
+        )
+    if scores is not None:
+        if not isinstance(method_cfg, Fixed):
+            raise PlanError(f"saliency= chooses the mask of method 'fixed' only; method is {method_cfg.name!r}.")
+        if schedule.warmup_steps:
+            raise PlanError(
+                "saliency scores describe the weights before training, but with warmup > 0 the fixed "
+                "mask is chosen after the warm-up; use warmup=0 or magnitude saliency."
+            )
+        if permute:
+            raise PlanError(
+                "saliency scores are per element and would not follow the channel permutation: run "
+                "nmgraph.permute() first, compute the scores on the permuted graph, then call "
+                "prepare(..., permute=False, saliency=scores)."
+            )
+
+    if isinstance(model, fx.GraphModule) and "nmgraph_capture" in model.meta:
+        gm = model
+    else:
+        if example_inputs is None:
+            raise CaptureError(
+                f"prepare() needs example_inputs to capture {type(model).__name__}; pass them as a tuple."
+            )
+        gm = capture(model, example_inputs, kwargs)
+    if hasattr(gm, STATE_NAME):
+        raise PlanError(
+            f"This graph is already prepared (it has {STATE_NAME!r}). Call nmgraph.convert() on it, or "
+            "prepare the original model."
+        )
+    if plan is None:
+        plan = _analyze(gm, p, include, exclude)
+    elif plan.pattern != p:
+        raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
+    if permute:
+        report = permute_channels(gm, plan, search=search, seed=seed)
+        gm.meta["nmgraph_permute"] = report
+        log.info("permutation before training: %s", report)
+    if scores is not None:
+        _check_scores(scores, plan.layers)
+    results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
+    res = results[0]
+    skipped = [*plan.skipped, *res.skipped]
+    if not res.modified:
+        raise PlanError(
+            f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
+            f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
+        )
+    for s in skipped:
+        log.info("left dense: %s (%s)", s.name, s.reason)
+    gm.meta["nmgraph_prepare"] = {
+        "config": config,
+        "masked": tuple(res.info["masked"]),
+        "skipped": tuple(skipped),
+    }
+    _install_train_eval(gm)
+    set_mode(gm, True)
+    log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
+    return gm
+
+
+def _prune_plain(
+    gm: fx.GraphModule, plan: SparsityPlan, scores: Mapping[str, torch.Tensor] | None
+) -> tuple[list[str], list[Skip]]:
+    pruned, skipped = [], []
+    for info in plan.layers:
+        try:
+            w = gm.get_parameter(info.name)
+        except AttributeError:
+            try:
+                w = gm.get_buffer(info.name)
+            except AttributeError:
+                skipped.append(Skip(info.name, "not pruned: the graph has no such parameter or buffer"))
+                continue
+        score = None if scores is None else scores.get(info.name)
+        with torch.no_grad():
+            w.mul_(nm_mask(w, plan.pattern, score, axis=info.axis))
+        if not is_nm(w, plan.pattern, axis=info.axis):
+            raise VerificationError(f"Pruned weight {info.name!r} is not {plan.pattern} along axis {info.axis}.")
+        pruned.append(info.name)
+    return pruned, skipped
+
+
+def convert(
+    gm_or_prepared: torch.nn.Module,
+    pattern: Pattern | str | tuple[int, int] | None = None,
+    *,
+    example_inputs: Sequence[Any] | Any = None,
+    kwargs: Mapping[str, Any] | None = None,
+    plan: SparsityPlan | None = None,
+    saliency: Mapping[str, torch.Tensor] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    inplace: bool = True,
+) -> fx.GraphModule:
+    """Makes every eligible weight exactly N:M; returns the graph without mask nodes.
+
+    On a prepared graph, folds each hard mask into its weight (``pattern`` defaults to the prepared
+    one and must match it) and leaves the graph in eval mode (dropout off); the result's output
+    equals the prepared graph's ``eval()`` output. On a
+    graph without masks (or a model, captured with ``example_inputs``), prunes the weights of
+    ``plan`` (default ``nmgraph.analyze(gm, pattern or "2:4")``) by magnitude or ``saliency``.
+    Weights are changed in place (they are the model's own) unless ``inplace=False``.
+    """
+    gm = gm_or_prepared
+    if not isinstance(gm, fx.GraphModule):
+        if example_inputs is None:
+            raise CaptureError(
+                f"convert() got a {type(gm).__name__}, not a captured graph: pass example_inputs= to capture "
+                "it, or convert the GraphModule returned by nmgraph.prepare()/capture()."
+            )
+        gm = capture(gm, example_inputs, kwargs)
+    if not inplace:
+        gm = copy.deepcopy(gm)
+    p = None if pattern is None else Pattern.parse(pattern)
+    if mask_nodes(gm):
+        if plan is not None or saliency is not None:
+            raise PlanError(
+                "convert() folds the trained masks of a prepared graph; plan= and saliency= apply only "
+                "to a graph without mask nodes."
+            )
+        set_mode(gm, False)
+        res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
+        gm.meta["nmgraph_convert"] = {"folded": tuple(res.info["folded"]), "skipped": ()}
+        log.info("convert: folded masks into %d weights", len(res.info["folded"]))
+        return gm
+    p = p or Pattern(2, 4)
+    if plan is None:
+        plan = _analyze(gm, p, include, exclude)
+    elif plan.pattern != p:
+        raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
+    if saliency is not None:
+        _check_scores(saliency, plan.layers)
+    pruned, skipped = _prune_plain(gm, plan, saliency)
+    skipped = [*plan.skipped, *skipped]
+    for s in skipped:
+        log.info("left dense: %s (%s)", s.name, s.reason)
+    gm.meta["nmgraph_convert"] = {"folded": tuple(pruned), "skipped": tuple(skipped)}
+    log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
+             "magnitude" if saliency is None else "saliency")
+    return gm
+
+
+def _find_state(module: torch.nn.Module) -> tuple[torch.nn.Module, SparsityState]:
+    found = []
+    for mod in module.modules():
+        st = mod._modules.get(STATE_NAME)
+        if isinstance(st, SparsityState):
+            found.append((mod, st))
+    if not found:
+        raise PlanError(
+            f"{type(module).__name__} has no nmgraph mask state: build the module with nmgraph.prepare() "
+            "(a DDP- or torch.compile-wrapped prepared module is fine)."
+        )
+    if len(found) > 1:
+        raise UnsupportedError(
+            f"{type(module).__name__} holds {len(found)} prepared graphs; make one SparsityCallback per "
+            "prepared graph."
+        )
+    return found[0]
+
+
+def _weights(owner: torch.nn.Module, state: SparsityState) -> dict[str, torch.Tensor]:
+    out = {}
+    for _, st in state.layers():
+        obj: Any = owner
+        for part in st.weight_name.split("."):
+            obj = getattr(obj, part)
+        out[st.weight_name] = obj
+    return out
+
+
+class SparsityCallback:
+    """Advances a prepared graph's schedule; call :meth:`step` after every optimizer step.
+
+    ``module`` is the prepared graph (or a module wrapping it: DDP, ``torch.compile``).
+    ``telemetry=True`` (or a :class:`SADTracker`) makes :meth:`step` return the SAD dict of the step;
+    ``log_every`` sets the tracker's INFO logging interval.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, telemetry: bool | SADTracker = False, log_every: int = 0) -> None:
+        self.owner, self.state = _find_state(module)
+        if isinstance(telemetry, SADTracker):
+            self.telemetry: SADTracker | None = telemetry
+        else:
+            self.telemetry = SADTracker(self.state, log_every=log_every) if telemetry else None
+
+    @property
+    def config(self) -> TrainingConfig:
+        return self.state.config
+
+    @property
+    def step_count(self) -> int:
+        return self.state.current_step
+
+    def step(self) -> dict[str, Any] | None:
+        """Counts one optimizer step and updates masks and beta; returns SAD telemetry if enabled."""
+        self.state.advance(_weights(self.owner, self.state))
+        return self.telemetry.update() if self.telemetry is not None else None
+
+    def hf(self, **kwargs: Any) -> Any:
+        """This callback as a ``transformers.TrainerCallback`` (see :func:`hf_callback`)."""
+        return hf_callback(self, **kwargs)
+
+
+def hf_callback(module_or_callback: torch.nn.Module | SparsityCallback, **kwargs: Any) -> Any:
+    """A ``transformers.TrainerCallback`` that advances the schedule at every ``on_step_end``.
+
+    ``Trainer(model=prepared, ..., callbacks=[nmgraph.training.hf_callback(prepared)])``; keyword
+    arguments go to :class:`SparsityCallback`. transformers is imported here, on first use.
+    """
+    import transformers
+
+    cb = module_or_callback if isinstance(module_or_callback, SparsityCallback) else SparsityCallback(
+        module_or_callback, **kwargs
+    )
+
+    class NMGraphTrainerCallback(transformers.TrainerCallback):
+        """Runs ``SparsityCallback.step()`` after each optimizer step (``on_step_end``)."""
+
+        def __init__(self, sparsity: SparsityCallback) -> None:
+            self.sparsity = sparsity
+            self.last: dict[str, Any] | None = None
+
+        def on_step_end(self, args, state, control, **kw):
+            self.last = self.sparsity.step()
+            return control
+
+    return NMGraphTrainerCallback(cb)
