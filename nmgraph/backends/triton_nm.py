@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -326,18 +327,18 @@ def nm_linear(
             f"nm_linear: tensors are on different devices ({', '.join(sorted(map(str, devices)))}); "
             "move x, the compressed weight and the bias to one device."
         )
+    lead = x.shape[:-1]
+    m_rows = math.prod(lead)
+    small = m_rows <= SMALL_M
+    meta = _check_config(config, small) if config is not None else None
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise BackendUnavailableError(f"nm_linear cannot run: {reason}")
-
-    ns = _kernels(_interpreting())
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m_rows = x2.shape[0]
     if m_rows == 0:
         return x.new_empty((*lead, n_out))
 
-    small = m_rows <= SMALL_M
+    ns = _kernels(_interpreting())
+    x2 = x.reshape(m_rows, k)
     out_dtype = torch.float32 if small else x.dtype
     alloc = torch.zeros if small else torch.empty
     out = alloc((m_rows, n_out), dtype=out_dtype, device=x.device)
@@ -362,8 +363,8 @@ def nm_linear(
     }
     if config is None and _interpreting():
         config = interpreter_config(m_rows)
-    if config is not None:
         meta = _check_config(config, small)
+    if config is not None:
         grid = (ns.cdiv(m_rows, meta["BLOCK_M"]) * ns.cdiv(n_out, meta["BLOCK_N"]), meta["SPLIT_K"])
         extra = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
         if _interpreting():
