@@ -4,7 +4,7 @@ Goes through ``torch.sparse.SparseSemiStructuredTensor`` (what ``to_sparse_semi_
 returns): the pruned dense weight is compressed once in :meth:`CuSparseLtBackend.prepare` and
 ``F.linear`` dispatches to the sparse kernel. These kernels take exactly 2:4 along the reduction
 axis, so an N:M weight qualifies when every aligned group of 4 holds at most 2 nonzeros
-(:func:`fits_2_4`: 2:4, 1:4, 1:2, and any ``n <= 2`` with ``m`` a multiple of 4, e.g. 2:8, 1:8).
+(:func:`fits_2_4`: e.g. 2:4, 1:4, 1:2, 1:3, 2:8, 1:8; not 4:8 or 3:6).
 
 Every shape and dtype constraint lives in :data:`SEMI_STRUCTURED_LIMITS` (one row per kernel and
 dtype): the weight ``[out, in]`` must be a multiple of ``(weight_rows, weight_cols)`` in both dims;
@@ -15,6 +15,7 @@ nothing here. The kernels need sparse tensor cores (compute capability >= :data:
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +77,22 @@ SEMI_STRUCTURED_LIMITS = _limits(
 def fits_2_4(n: int, m: int) -> bool:
     """True if every ``n:m`` weight is also 2:4 (at most 2 nonzeros per aligned group of 4).
 
-    >>> [fits_2_4(*p) for p in ((2, 4), (1, 4), (1, 2), (2, 8), (1, 8), (4, 8), (3, 6))]
-    [True, True, True, True, True, False, False]
+    Exact: for each aligned window of 4 (the pattern repeats every ``lcm(4, m)``), the most
+    nonzeros an ``n:m`` weight can put there is the sum over the groups it overlaps of
+    ``min(n, overlap)``.
+
+    >>> [fits_2_4(*p) for p in ((2, 4), (1, 4), (1, 2), (2, 8), (1, 8), (1, 3), (4, 8), (3, 6))]
+    [True, True, True, True, True, True, False, False]
     """
-    if m % 4 == 0:
-        return n <= 2
-    if 4 % m == 0:
-        return n * (4 // m) <= 2
-    return False
+    period = math.lcm(4, m)
+    for start in range(0, period, 4):
+        most = 0
+        for g in range(start // m, (start + 3) // m + 1):
+            overlap = min(start + 4, (g + 1) * m) - max(start, g * m)
+            most += min(n, overlap)
+        if most > 2:
+            return False
+    return True
 
 
 def resolve_kernel(kernel: str = "auto") -> str:
