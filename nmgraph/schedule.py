@@ -252,6 +252,7 @@ _METHODS = {
     "fixed": Fixed,
 }
 METHOD_NAMES = tuple(_METHODS)
+_METHOD_TYPES = (STE, SRSTE, MDGF, SDGF, TopKAST, Fixed)
 
 
 def method_from_name(method: str | MethodConfig) -> MethodConfig:
@@ -260,7 +261,7 @@ def method_from_name(method: str | MethodConfig) -> MethodConfig:
     >>> method_from_name("mdgf-linear")
     MDGF(decay='linear', fraction=None, alpha=None, end_beta=0.001)
     """
-    if isinstance(method, (STE, SRSTE, MDGF, SDGF, TopKAST, Fixed)):
+    if isinstance(method, _METHOD_TYPES):
         return method
     if isinstance(method, str) and method.lower() in _METHODS:
         return _METHODS[method.lower()]()
@@ -340,7 +341,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, Pattern):
             raise PlanError(f"TrainingConfig.pattern must be a Pattern, got {self.pattern!r}.")
-        method_from_name(self.method)  # type check with the method list in the message
+        if not isinstance(self.method, _METHOD_TYPES):
+            raise PlanError(
+                f"TrainingConfig.method must be a method config ({', '.join(t.__name__ for t in _METHOD_TYPES)}), "
+                f"got {self.method!r}; nmgraph.schedule.method_from_name() turns a name into one."
+            )
         needs_steps = isinstance(self.method, SDGF) or (
             isinstance(self.method, MDGF) and self.method.needs_total_steps
         )
