@@ -9,6 +9,10 @@ from __future__ import annotations
 from nmgraph.analysis import analyze
 from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
+from nmgraph.deploy import (
+    CompiledModule,
+    compile,
+)
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -30,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CaptureError",
+    "CompiledModule",
     "CompressedNM",
     "LayerInfo",
     "Member",
@@ -49,6 +54,7 @@ __all__ = [
     "__version__",
     "analyze",
     "capture",
+    "compile",
     "compress",
     "is_nm",
     "nm_mask",

@@ -1,0 +1,178 @@
+"""``nmgraph.compile`` and the ``torch.compile`` backend: the whole pipeline behind one call.
+
+capture -> analyze -> permute -> convert (prune, or keep already-N:M weights) -> lower_linears.
+Capture is lazy, like ``torch.compile``: it happens on the first call, with the real inputs. A new
+input signature (shapes, dtypes) captures and lowers again; permutation and pruning happen once,
+since they change the model's own parameters in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from nmgraph.capture import capture
+from nmgraph.errors import UnsupportedError
+from nmgraph.pattern import Pattern, PatternLike
+
+__all__ = ["CompiledModule", "compile", "nmgraph_backend"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "cusparselt", "eager", "dense", "tensorrt")
+MODES = ("inference", "train")
+
+
+@dataclass
+class CompileReport:
+    """What the pipeline did on the first call (plan, permutation, lowering) per input signature."""
+
+    plan: Any = None
+    permute: Any = None
+    lowerings: dict[tuple, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = [str(self.plan)] if self.plan is not None else []
+        if self.permute is not None:
+            parts.append(str(self.permute))
+        for sig, result in self.lowerings.items():
+            lowered = len(result.changed_nodes)
+            parts.append(f"signature {sig}: {lowered} GEMMs lowered, {len(result.skipped)} left dense:")
+            parts.extend(f"  {s.name}: {s.reason}" for s in result.skipped)
+        return "\n".join(parts)
+
+
+def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
+    def sig(x):
+        return (tuple(x.shape), str(x.dtype), str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
+
+    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+
+
+class CompiledModule(torch.nn.Module):
+    """The result of :func:`nmgraph.compile`: call it like the original model."""
+
+    def __init__(self, model: torch.nn.Module, pattern: Pattern, backend: str, mode: str, options: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.pattern = pattern
+        self.backend = backend
+        self.mode = mode
+        self.options = options
+        self.report = CompileReport()
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._sparsified = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sig = _signature(args, kwargs)
+        gm = self._graphs.get(sig)
+        if gm is None:
+            gm = self._build(args, kwargs, sig)
+            self._graphs[sig] = gm
+        return gm(*args, **kwargs)
+
+    def _build(self, args, kwargs, sig) -> fx.GraphModule:
+        from nmgraph.analysis import analyze
+        from nmgraph.passes.permute_channels import permute
+
+        opts = self.options
+        if self.mode == "train":
+            from nmgraph.training import prepare
+
+            return prepare(self.model, args, self.pattern, method=opts.get("method", "sr-ste"),
+                           permute=opts.get("permute", True), kwargs=kwargs)
+        from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
+        from nmgraph.training import convert
+
+        gm = capture(self.model, args, kwargs)
+        plan = analyze(gm, self.pattern, include=opts.get("include", ()), exclude=opts.get("exclude", ()))
+        if not self._sparsified:
+            if opts.get("permute", True):
+                self.report.permute = permute(gm, plan, search=opts.get("search", "greedy"),
+                                              seed=opts.get("seed", 0), time_limit=opts.get("time_limit"))
+            self.report.plan = plan
+        gm = convert(gm, self.pattern, plan=plan)
+        self._sparsified = True
+        weights = {i.name: i.axis for i in plan.layers if i.op in ("linear", "addmm")}
+        backend = "eager" if self.backend in ("eager", "tensorrt") else self.backend
+        if self.backend == "tensorrt":
+            raise UnsupportedError("nmgraph.compile(backend='tensorrt') builds engines through nmgraph.export("
+                                   "..., format='tensorrt'); use that entry point.")
+        result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=backend,
+                                                      strict=opts.get("strict", False)))
+        self.report.lowerings[sig] = result
+        log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
+        return result.gm
+
+
+def compile(
+    model: torch.nn.Module,
+    pattern: PatternLike = "2:4",
+    backend: str = "auto",
+    mode: str = "inference",
+    **options: Any,
+) -> CompiledModule:
+    """Makes ``model`` N:M sparse and fast; lazy like ``torch.compile`` (captures on first call).
+
+    ``backend``: ``"auto"`` (per layer the fastest of dense, Triton and cuSPARSELt, measured on the
+    device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights).
+    ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
+    Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``include``,
+    ``exclude``, ``strict``, ``method``. ``result.report`` tells what was done after the first call.
+    """
+    p = Pattern.parse(pattern)
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"nmgraph.compile(backend={backend!r}) is not one of {BACKENDS}.")
+    if mode not in MODES:
+        raise UnsupportedError(f"nmgraph.compile(mode={mode!r}) is not one of {MODES}.")
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedError(f"nmgraph.compile needs a torch.nn.Module, got {type(model).__name__}.")
+    return CompiledModule(model, p, backend, mode, dict(options))
+
+
+def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+    """Turns Dynamo's parameter placeholders into ``get_attr`` nodes of the same Parameter objects."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real: list[int] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.nn.Parameter):
+            real.append(i)
+            continue
+        name = f"nmgraph_param_{i}"
+        gm.register_parameter(name, value)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm, real
+
+
+def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """``torch.compile(model, backend="nmgraph", options={"pattern": "2:4", ...})``.
+
+    Dynamo passes the model's parameters as graph inputs; they are bound back to the Parameter
+    objects so the pipeline can analyze, permute and prune them, and the returned callable drops
+    them from each call.
+    """
+    options = dict(kwargs.get("options") or {})
+    pattern = options.pop("pattern", "2:4")
+    backend = options.pop("backend", "auto")
+    bound, real_idx = _bind_parameters(gm, example_inputs)
+    compiled = compile(bound, pattern, backend, **options)
+
+    n_all = len(example_inputs)
+
+    def run(*args: Any) -> Any:
+        if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now
+            args = tuple(args[i] for i in real_idx)
+        return compiled(*args)
+
+    run.nmgraph_compiled = compiled  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,48 @@
+import copy
+
+import pytest
+import torch
+
+import nmgraph
+from nmgraph import UnsupportedError
+
+from . import hf_models
+from .hf_models import first_tensor
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_compile_matches_pruned_reference(name):
+    model, args = hf_models.FACTORIES[name]()
+    dense = copy.deepcopy(model)
+    fast = nmgraph.compile(model, pattern="2:4", backend="auto")
+    out = first_tensor(fast(*args))
+    plan = fast.report.plan
+    assert plan is not None and plan.layers
+    for info in plan.layers:  # the model's own weights are now exactly 2:4
+        assert nmgraph.is_nm(model.get_parameter(info.name), "2:4", axis=info.axis)
+    # reference: the pruned (and permuted) model run eagerly
+    torch.testing.assert_close(out, first_tensor(model(*args)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, first_tensor(dense(*args)))  # pruning really happened
+    lowering = next(iter(fast.report.lowerings.values()))
+    assert len(lowering.skipped) == sum(i.op == "linear" for i in plan.layers)  # CPU: dense, each with reason
+    assert all("CPU" in s.reason for s in lowering.skipped)
+    out2 = first_tensor(fast(*args))  # cached graph, same result
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+
+def test_compile_errors():
+    with pytest.raises(UnsupportedError, match="backend='warp'"):
+        nmgraph.compile(torch.nn.Linear(4, 4), backend="warp")
+    with pytest.raises(UnsupportedError, match="mode='fast'"):
+        nmgraph.compile(torch.nn.Linear(4, 4), mode="fast")
+
+
+def test_torch_compile_backend_by_name():
+    model, args = hf_models.bert()
+    dense = copy.deepcopy(model)
+    opt = torch.compile(model, backend="nmgraph", options={"pattern": "2:4"})
+    out = first_tensor(opt(*args))
+    names = [n for n, _ in model.named_parameters() if n.endswith("output.dense.weight")]
+    assert names and all(nmgraph.is_nm(model.get_parameter(n), "2:4") for n in names)
+    torch.testing.assert_close(out, first_tensor(model(*args)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, first_tensor(dense(*args)))
