@@ -1,0 +1,694 @@
+"""Channel permutation search: reorder a group's channels so N:M pruning keeps more magnitude.
+
+N:M pruning keeps the ``n`` largest scores of every ``m`` consecutive channels (a *stripe*) in each
+row. Which channels share a stripe is arbitrary as long as every tensor of a permutation group is
+reordered the same way (``nmgraph.permute`` does that), so a permutation that puts channels whose
+large entries fall in *different* rows into the same stripe keeps more. This module searches for
+such a permutation on a plain score matrix ``[rows, C]`` (columns are the group's channels: every
+consumer's ``|w|`` or saliency stacked along rows) and never touches a graph.
+
+Methods (``search_permutation(method=...)``):
+
+* ``"none"``: the identity.
+* ``"random"``: the best of a few seeded random permutations, never worse than the identity.
+* ``"greedy"`` (default): channel swaps (Pool & Yu 2021). The gain of *every* swap of two channels
+  in different stripes is computed at once (see :mod:`nmgraph._search_kernels` for the exact
+  identity); each round adopts the best swap and every other swap whose stripes are disjoint from
+  the swaps already taken (their gains add up exactly), then only the rows of the score tables that
+  those stripes touch are recomputed. When no swap gains, up to ``max_regressions`` times a random
+  swap among the least harmful ones is applied (depth one) and the greedy search continues; the best
+  permutation seen is kept.
+* ``"exhaustive"``: the greedy search, then stripe groups: sets of ``stripe_group_size`` stripes
+  whose columns are re-split in every distinct way (order inside a stripe and order of stripes do
+  not matter), adopting the best, until no group improves.
+
+Large groups are searched in *windows* of at most ``window`` channels (whole stripes, re-drawn at
+random every sweep), which bounds the ``O(rows * window^2)`` cost of a full gain table. ``block``
+restricts swaps to runs of ``block`` consecutive channels (e.g. the channels of one attention head).
+Results are deterministic for a given ``seed`` when no ``time_limit`` cuts the search short.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nmgraph import _search_kernels as kernels
+from nmgraph.errors import PlanError, ShapeError
+from nmgraph.pattern import Pattern, PatternLike
+
+__all__ = ["METHODS", "SearchResult", "kept_score", "search_permutation", "unstructured_bound"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "random", "greedy", "exhaustive")
+
+# Search constants, in one place.
+DEFAULT_WINDOW = 256  # channels per window: one gain table is rows * window^2 work
+DEFAULT_MAX_REGRESSIONS = 100  # escapes from a local optimum (greedy and exhaustive)
+RANDOM_TRIALS = 16  # permutations tried by method="random"
+ESCAPE_POOL = 16  # an escape picks one of this many least harmful swaps per window
+MAX_PARTITIONS = 6000  # largest stripe-group enumeration allowed (3 stripes of 4 = 5775)
+MAX_GROUPS = 4096  # stripe groups per window evaluated exhaustively (else sampled)
+GROUP_PATIENCE = 8  # sampled stripe-group rounds without improvement before stopping
+REFRESH_FRACTION = 0.25  # recompute whole gain tables when more positions than this changed
+ESCAPE_REVERT = False
+GAIN_RTOL = 1e-5  # gains below this fraction of a slot's score are float32 noise, not progress
+SWEEP_RTOL = 1e-5  # a windowed sweep that improves the kept score by less than this has converged
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A permutation of a score matrix's columns and how much it keeps.
+
+    ``perm`` reorders columns (``matrix[:, perm]``); ``kept_identity`` and ``kept`` are the summed
+    scores that N:M pruning keeps before and after; ``bound`` keeps the top ``C*n/m`` scores of
+    every row with no structure (no permutation can beat it); ``total`` sums every score.
+
+    >>> r = SearchResult(torch.arange(4), 10.0, 12.0, 14.0, 20.0, "greedy", 0.1, 1)
+    >>> r.efficacy
+    0.5
+    """
+
+    perm: torch.Tensor
+    kept_identity: float
+    kept: float
+    bound: float
+    total: float
+    method: str
+    seconds: float
+    swaps: int
+    regressions: int = 0
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def efficacy(self) -> float:
+        """``(kept - kept_identity) / (bound - kept_identity)``; 0.0 when the bound is the identity's."""
+        span = self.bound - self.kept_identity
+        if span <= 0:
+            return 0.0
+        return (self.kept - self.kept_identity) / span
+
+    @property
+    def gain(self) -> float:
+        """Relative kept-score gain over the identity, ``kept / kept_identity - 1`` (0.0 if nothing kept)."""
+        if self.kept_identity <= 0:
+            return 0.0
+        return self.kept / self.kept_identity - 1.0
+
+
+def _check_matrix(matrix: torch.Tensor, p: Pattern) -> None:
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+        raise ShapeError(
+            f"permutation search needs a 2-D score matrix [rows, channels], got {shape}; stack the "
+            "group's consumer scores along rows (conv weights as [out*kh*kw, C])."
+        )
+    rows, c = matrix.shape
+    if c == 0 or rows == 0 or c % p.m:
+        raise ShapeError(
+            f"score matrix of shape {(rows, c)} has {c} channels, not a positive multiple of M={p.m} "
+            f"for pattern {p}; leave this group unpermuted or pick a pattern whose M divides {c}."
+        )
+    if matrix.is_floating_point() and not bool(torch.isfinite(matrix).all()):
+        raise ShapeError(
+            f"score matrix of shape {(rows, c)} contains NaN or inf; check the weights or saliency "
+            "before searching a permutation."
+        )
+
+
+def kept_score(matrix: torch.Tensor, pattern: PatternLike) -> float:
+    """Sum of the ``n`` largest scores of every group of ``m`` consecutive columns (float64).
+
+    >>> kept_score(torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0, 0.5, 9.0, 1.0]]), "2:4")
+    17.0
+    """
+    p = Pattern.parse(pattern)
+    _check_matrix(matrix, p)
+    rows, c = matrix.shape
+    groups = matrix.detach().double().reshape(rows, c // p.m, p.m)
+    return float(torch.topk(groups, p.n, dim=-1).values.sum())
+
+
+def unstructured_bound(matrix: torch.Tensor, pattern: PatternLike) -> float:
+    """Sum of the top ``C*n/m`` scores of every row: what pruning without structure keeps.
+
+    >>> unstructured_bound(torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0, 0.5, 9.0, 1.0]]), "2:4")
+    18.0
+    """
+    p = Pattern.parse(pattern)
+    _check_matrix(matrix, p)
+    c = matrix.shape[1]
+    return float(torch.topk(matrix.detach().double(), c // p.m * p.n, dim=1).values.sum())
+
+
+class _Clock:
+    """Deadline and optional progress bar of one search."""
+
+    def __init__(self, time_limit: float | None, progress: bool, desc: str) -> None:
+        if time_limit is not None and not time_limit >= 0:
+            raise PlanError(f"time_limit must be None or a number of seconds >= 0, got {time_limit!r}.")
+        self.start = time.perf_counter()
+        self.deadline = None if time_limit is None else self.start + float(time_limit)
+        self.bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                log.debug("tqdm is not installed; permutation search runs without a progress bar")
+            else:
+                self.bar = tqdm(desc=desc, unit="round", leave=False)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def tick(self, kept: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if kept is not None:
+                self.bar.set_postfix(kept=f"{kept:.6g}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _block_ranges(c: int, block: int) -> list[tuple[int, int]]:
+    return [(b, b + block) for b in range(0, c, block)]
+
+
+class _SwapState:
+    """A current arrangement ``x`` (position-major ``[C, R]``), its thresholds and gain tables.
+
+    Gain tables ``S[w, i, j] = sum_r max(x[cells[w, j], r], t[cells[w, i], r])`` exist for pairs of
+    positions inside one window ``w``; windows partition the positions and never cross a block.
+    """
+
+    def __init__(self, x: torch.Tensor, n: int, m: int, block: int, window: int) -> None:
+        self.x = x
+        self.c, self.r = x.shape
+        self.n, self.m = n, m
+        self.ns = self.c // m
+        self.block = block
+        self.window = window
+        self.device = x.device
+        self.perm = torch.arange(self.c, device=self.device)
+        self.stripe = torch.arange(self.c, device=self.device) // m
+        thr, self.stripe_kept = kernels.stripe_thresholds(x.view(self.ns, m, self.r), n)
+        self.thr = thr.reshape(self.c, self.r)
+        self.aligned = block % m == 0
+        units_per_block = block // m if self.aligned else block
+        unit = m if self.aligned else 1
+        self.n_windows_per_block = math.ceil(units_per_block * unit / window)
+        self.shuffled = self.n_windows_per_block > 1
+        self.cells = torch.empty(0, dtype=torch.long)
+        self.pair_ok = torch.empty(0, dtype=torch.bool)
+        self.S = torch.empty(0)
+        self.tabu: torch.Tensor | None = None
+        slot = self.x.detach().abs().mean().item() * self.r
+        self.tol = max(GAIN_RTOL * slot, 1e-30)
+
+    # windows -------------------------------------------------------------------------------------
+    def build_windows(self, gen: torch.Generator) -> None:
+        """Splits every block into windows of whole stripes (random stripes when a block has several)."""
+        m = self.m
+        cells: list[list[int]] = []
+        for lo, hi in _block_ranges(self.c, self.block):
+            if self.aligned:
+                units = [list(range(s * m, s * m + m)) for s in range(lo // m, hi // m)]
+            else:
+                units = [[p] for p in range(lo, hi)]
+            if self.shuffled:
+                order = torch.randperm(len(units), generator=gen).tolist()
+                units = [units[i] for i in order]
+            k = self.n_windows_per_block
+            per = math.ceil(len(units) / k)
+            for w in range(k):
+                chunk = units[w * per : (w + 1) * per]
+                if chunk:
+                    cells.append([p for u in chunk for p in u])
+        width = max(len(cell) for cell in cells)
+        valid = torch.zeros(len(cells), width, dtype=torch.bool)
+        idx = torch.zeros(len(cells), width, dtype=torch.long)
+        for w, cell in enumerate(cells):
+            idx[w, : len(cell)] = torch.tensor(cell)
+            idx[w, len(cell) :] = cell[0]
+            valid[w, : len(cell)] = True
+        self.cells = idx.to(self.device)
+        self.tabu = None
+        valid = valid.to(self.device)
+        stripe = self.stripe[self.cells]
+        upper = torch.ones(width, width, dtype=torch.bool, device=self.device).triu(1)
+        self.pair_ok = (
+            valid.unsqueeze(2) & valid.unsqueeze(1) & (stripe.unsqueeze(2) != stripe.unsqueeze(1)) & upper
+        )
+        flat = self.cells[valid]
+        self.cell_of = torch.empty(self.c, dtype=torch.long, device=self.device)
+        self.idx_of = torch.empty(self.c, dtype=torch.long, device=self.device)
+        w_ids = torch.arange(len(cells), device=self.device).unsqueeze(1).expand_as(self.cells)
+        i_ids = torch.arange(width, device=self.device).unsqueeze(0).expand_as(self.cells)
+        self.cell_of[flat] = w_ids[valid]
+        self.idx_of[flat] = i_ids[valid]
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.S = kernels.pair_max_sums(self.thr[self.cells], self.x[self.cells])
+
+    # gains ---------------------------------------------------------------------------------------
+    def gains(self) -> torch.Tensor:
+        """``G[w, i, j]``: exact kept-score change of swapping positions ``cells[w, i]`` and ``cells[w, j]``."""
+        d = self.S.diagonal(dim1=1, dim2=2)
+        delta = self.S - d.unsqueeze(2)
+        g = delta + delta.transpose(1, 2)
+        ok = self.pair_ok if self.tabu is None else self.pair_ok & ~self.tabu
+        return g.masked_fill(~ok, -math.inf)
+
+    def forbid(self, p: torch.Tensor, q: torch.Tensor) -> None:
+        """Makes swaps between the stripes of ``p[k]`` and ``q[k]`` tabu until :meth:`allow_all`."""
+        stripe = self.stripe[self.cells]  # [W, K]
+        si, sj = stripe.unsqueeze(2), stripe.unsqueeze(1)
+        tabu = torch.zeros_like(self.pair_ok) if self.tabu is None else self.tabu
+        for a, b in zip(self.stripe[p].tolist(), self.stripe[q].tolist()):
+            tabu |= ((si == a) & (sj == b)) | ((si == b) & (sj == a))
+        self.tabu = tabu
+
+    def allow_all(self) -> None:
+        self.tabu = None
+
+    def candidates(self, g: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+        w, i, j = (g > threshold).nonzero(as_tuple=True)
+        p, q = self.cells[w, i], self.cells[w, j]
+        return g[w, i, j], p, q
+
+    def select(self, gain: torch.Tensor, p: torch.Tensor, q: torch.Tensor, max_iters: int = 64):
+        """Swaps with pairwise disjoint stripes, best first (the greedy matching, vectorised)."""
+        e = gain.numel()
+        if e == 0:
+            return p, q
+        sa, sb = self.stripe[p], self.stripe[q]
+        order = torch.sort(gain, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(e, device=self.device)
+        alive = torch.ones(e, dtype=torch.bool, device=self.device)
+        taken = torch.zeros(e, dtype=torch.bool, device=self.device)
+        for _ in range(max_iters):
+            r = torch.where(alive, rank, torch.full_like(rank, e))
+            best = torch.full((self.ns,), e, dtype=rank.dtype, device=self.device)
+            best.scatter_reduce_(0, sa, r, "amin")
+            best.scatter_reduce_(0, sb, r, "amin")
+            win = alive & (best[sa] == rank) & (best[sb] == rank)
+            taken |= win
+            used = torch.zeros(self.ns, dtype=torch.bool, device=self.device)
+            used[sa[win]] = True
+            used[sb[win]] = True
+            alive &= ~(used[sa] | used[sb])
+            if not bool(alive.any()):
+                break
+        return p[taken], q[taken]
+
+    # moves ---------------------------------------------------------------------------------------
+    def apply(self, p: torch.Tensor, q: torch.Tensor) -> None:
+        """Swaps positions ``p[k] <-> q[k]`` (disjoint stripes) and updates thresholds and tables."""
+        if p.numel() == 0:
+            return
+        self.x[torch.cat([p, q])] = self.x[torch.cat([q, p])]
+        self.perm[torch.cat([p, q])] = self.perm[torch.cat([q, p])]
+        stripes = torch.unique(torch.cat([self.stripe[p], self.stripe[q]]))
+        pos = (stripes.unsqueeze(1) * self.m + torch.arange(self.m, device=self.device)).flatten()
+        xs = self.x.view(self.ns, self.m, self.r)[stripes]
+        thr, kept = kernels.stripe_thresholds(xs, self.n)
+        self.thr[pos] = thr.reshape(-1, self.r)
+        self.stripe_kept[stripes] = kept
+        if pos.numel() > REFRESH_FRACTION * self.c:
+            self.refresh()
+            return
+        moved = torch.cat([p, q])
+        for w in torch.unique(torch.cat([self.cell_of[pos], self.cell_of[moved]])).tolist():
+            cell = self.cells[w]
+            rows = pos[self.cell_of[pos] == w]
+            if rows.numel():
+                self.S[w, self.idx_of[rows], :] = kernels.pair_max_sums(self.thr[rows], self.x[cell])
+            cols = moved[self.cell_of[moved] == w]
+            if cols.numel():
+                self.S[w, :, self.idx_of[cols]] = kernels.pair_max_sums(self.thr[cell], self.x[cols])
+
+    def kept(self) -> float:
+        return float(self.stripe_kept.sum())
+
+
+def _greedy(
+    state: _SwapState,
+    gen: torch.Generator,
+    clock: _Clock,
+    max_regressions: int,
+) -> tuple[torch.Tensor, float, int, int, int]:
+    """Greedy swaps with bounded regressions; returns ``(best perm, best kept, swaps, regressions, sweeps)``."""
+    best_perm = state.perm.clone()
+    best_kept = state.kept()
+    swaps = regressions = sweeps = 0
+    state.build_windows(gen)
+    sweep_start = best_kept
+    while not clock.expired():
+        g = state.gains()
+        gain, p, q = state.candidates(g, state.tol)
+        if gain.numel():
+            p, q = state.select(gain, p, q)
+            state.apply(p, q)
+            swaps += p.numel()
+            clock.tick()
+            continue
+        # Local optimum for these windows.
+        state.allow_all()
+        kept = state.kept()
+        if kept > best_kept:
+            best_kept, best_perm = kept, state.perm.clone()
+        clock.tick(best_kept)
+        sweeps += 1
+        if state.shuffled and best_kept - sweep_start > SWEEP_RTOL * abs(sweep_start):
+            sweep_start = best_kept
+            state.build_windows(gen)
+            continue
+        if regressions >= max_regressions:
+            break
+        # Escape: from the best arrangement so far, one least-harmful random swap per window.
+        if ESCAPE_REVERT and not torch.equal(state.perm, best_perm):
+            _reset(state, best_perm, gen)
+            g = state.gains()
+        regressions += 1
+        sweep_start = best_kept
+        pool = min(ESCAPE_POOL, g.shape[1] * g.shape[2])
+        top = g.flatten(1).topk(pool, dim=1)
+        pick = torch.randint(pool, (g.shape[0],), generator=gen).to(state.device)
+        flat = top.indices.gather(1, pick.unsqueeze(1)).squeeze(1)
+        ok = torch.isfinite(top.values.gather(1, pick.unsqueeze(1)).squeeze(1))
+        w = torch.arange(g.shape[0], device=state.device)[ok]
+        flat = flat[ok]
+        if w.numel() == 0:
+            break
+        width = g.shape[2]
+        p, q = state.cells[w, flat // width], state.cells[w, flat % width]
+        p, q = state.select(g[w, flat // width, flat % width], p, q)
+        state.apply(p, q)
+        state.forbid(p, q)
+        if state.shuffled:
+            state.build_windows(gen)
+    kept = state.kept()
+    if kept > best_kept:
+        best_kept, best_perm = kept, state.perm.clone()
+    return best_perm, best_kept, swaps, regressions, sweeps
+
+
+def _reset(state: _SwapState, perm: torch.Tensor, gen: torch.Generator) -> None:
+    """Puts ``state`` back to arrangement ``perm`` (positions of the original matrix)."""
+    inv = torch.empty_like(state.perm)
+    inv[state.perm] = torch.arange(state.c, device=state.device)
+    original = state.x[inv]
+    state.x.copy_(original[perm])
+    state.perm.copy_(perm)
+    thr, state.stripe_kept = kernels.stripe_thresholds(state.x.view(state.ns, state.m, state.r), state.n)
+    state.thr = thr.reshape(state.c, state.r)
+    state.refresh()
+    del gen
+
+
+def search_permutation(
+    matrix: torch.Tensor,
+    pattern: PatternLike,
+    *,
+    method: str = "greedy",
+    block: int | None = None,
+    seed: int = 0,
+    time_limit: float | None = None,
+    progress: bool = False,
+    max_regressions: int = DEFAULT_MAX_REGRESSIONS,
+    stripe_group_size: int | None = None,
+    window: int = DEFAULT_WINDOW,
+    device: torch.device | str | None = None,
+) -> SearchResult:
+    """Finds a column permutation of ``matrix`` that keeps more score under N:M pruning.
+
+    ``matrix`` is a score matrix ``[rows, C]`` (``|w|`` or a saliency; columns are channels).
+    The result's ``perm`` keeps every run of ``block`` channels in place as a set
+    (``perm // block == arange(C) // block``) and never keeps less than the identity.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> w = torch.randn(64, 64, generator=g).abs()
+    >>> r = search_permutation(w, "2:4", seed=0)
+    >>> r.kept >= r.kept_identity and abs(kept_score(w[:, r.perm], "2:4") - r.kept) < 1e-6 * r.kept
+    True
+    """
+    p = Pattern.parse(pattern)
+    if method not in METHODS:
+        raise PlanError(
+            f"unknown permutation search method {method!r}; accepted values: "
+            f"{', '.join(repr(m) for m in METHODS)}."
+        )
+    _check_matrix(matrix, p)
+    rows, c = matrix.shape
+    if block is None:
+        block = c
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or c % block:
+        raise ShapeError(
+            f"block={block!r} does not split the {c} channels of score matrix {(rows, c)} into equal "
+            "runs; pass a positive divisor of the channel count (e.g. head_dim) or None."
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2 * p.m:
+        raise PlanError(f"window={window!r} must be an int >= 2*M = {2 * p.m} (two stripes).")
+    if max_regressions < 0:
+        raise PlanError(f"max_regressions must be >= 0, got {max_regressions}.")
+    dev = torch.device(device) if device is not None else matrix.device
+    clock = _Clock(time_limit, progress, f"permutation search {p} {tuple(matrix.shape)}")
+    gen = torch.Generator().manual_seed(int(seed))
+    try:
+        scores = matrix.detach().to(dev)
+        kept_identity = kept_score(scores, p)
+        bound = unstructured_bound(scores, p)
+        total = float(scores.double().sum())
+        identity = torch.arange(c, device=dev)
+        info: dict = {}
+        swaps = regressions = 0
+        if method == "none" or c == p.m:
+            perm, kept = identity, kept_identity
+        elif method == "random":
+            perm, kept = _random_search(scores, p, block, gen, clock)
+        else:
+            x = scores.t().contiguous().float()
+            state = _SwapState(x, p.n, p.m, block, window)
+            perm, kept, swaps, regressions, sweeps = _greedy(state, gen, clock, max_regressions)
+            info["sweeps"] = sweeps
+            if method == "exhaustive":
+                perm, kept, moves = _refine_stripe_groups(
+                    scores, p, block, perm, kept, stripe_group_size, window, gen, clock
+                )
+                swaps += moves
+        kept_check = kept_score(scores[:, perm], p)
+        if kept_check < kept_identity:
+            # Float32 gain tables can only err by rounding; the identity is the safe answer.
+            perm, kept_check = identity, kept_identity
+        seconds = clock.elapsed()
+    finally:
+        clock.close()
+    log.debug(
+        "permutation search %s %s %s: kept %.6g -> %.6g (bound %.6g) in %.3fs, %d swaps",
+        method, p, tuple(matrix.shape), kept_identity, kept_check, bound, seconds, swaps,
+    )
+    return SearchResult(
+        perm=perm.to(dev),
+        kept_identity=kept_identity,
+        kept=kept_check,
+        bound=bound,
+        total=total,
+        method=method,
+        seconds=seconds,
+        swaps=swaps,
+        regressions=regressions,
+        info=info,
+    )
+
+
+def _random_search(
+    scores: torch.Tensor, p: Pattern, block: int, gen: torch.Generator, clock: _Clock
+) -> tuple[torch.Tensor, float]:
+    c = scores.shape[1]
+    best = torch.arange(c, device=scores.device)
+    best_kept = kept_score(scores, p)
+    n_blocks = c // block
+    for _ in range(RANDOM_TRIALS):
+        if clock.expired():
+            break
+        perms = torch.argsort(torch.rand(n_blocks, block, generator=gen), dim=1)
+        perm = (perms + torch.arange(n_blocks).unsqueeze(1) * block).flatten().to(scores.device)
+        kept = kept_score(scores[:, perm], p)
+        clock.tick(max(kept, best_kept))
+        if kept > best_kept:
+            best, best_kept = perm, kept
+    return best, best_kept
+
+
+def _group_size(p: Pattern, stripe_group_size: int | None) -> int | None:
+    """The stripe-group size to use, or ``None`` (with a logged reason) when no size is affordable."""
+    if stripe_group_size is None:
+        for size in (3, 2):
+            if _n_partitions(p.m, size) <= MAX_PARTITIONS:
+                return size
+        log.info(
+            "pattern %s: even 2 stripes of %d channels have %d arrangements (limit %d); "
+            "exhaustive search keeps the greedy result",
+            p, p.m, _n_partitions(p.m, 2), MAX_PARTITIONS,
+        )
+        return None
+    if isinstance(stripe_group_size, bool) or not isinstance(stripe_group_size, int) or stripe_group_size < 2:
+        raise PlanError(f"stripe_group_size must be an int >= 2 (or None), got {stripe_group_size!r}.")
+    count = _n_partitions(p.m, stripe_group_size)
+    if count > MAX_PARTITIONS:
+        raise PlanError(
+            f"stripe_group_size={stripe_group_size} with pattern {p} means {count} arrangements per "
+            f"group (limit {MAX_PARTITIONS}); use stripe_group_size=2 or leave it None."
+        )
+    return stripe_group_size
+
+
+def _n_partitions(m: int, s: int) -> int:
+    return math.factorial(s * m) // (math.factorial(m) ** s * math.factorial(s))
+
+
+def _select_disjoint(score: torch.Tensor, ends: torch.Tensor, n_items: int, max_iters: int = 64) -> torch.Tensor:
+    """Mask of moves with pairwise disjoint ``ends`` (stripe ids ``[E, k]``), best ``score`` first.
+
+    The result equals the sequential greedy matching (take the best move, drop the moves sharing a
+    stripe with it, repeat), computed by rounds of locally dominant moves. ``max_iters`` caps the
+    rounds; moves left out are found again by the next search round.
+    """
+    e = score.numel()
+    taken = torch.zeros(e, dtype=torch.bool, device=score.device)
+    if e == 0:
+        return taken
+    order = torch.sort(score, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(e, device=score.device)
+    alive = torch.ones(e, dtype=torch.bool, device=score.device)
+    flat_ends = ends.flatten()
+    for _ in range(max_iters):
+        r = torch.where(alive, rank, torch.full_like(rank, e))
+        best = torch.full((n_items,), e, dtype=rank.dtype, device=score.device)
+        best.scatter_reduce_(0, flat_ends, r.repeat_interleave(ends.shape[1]), "amin")
+        win = alive & (best[ends] == rank.unsqueeze(1)).all(dim=1)
+        taken |= win
+        used = torch.zeros(n_items, dtype=torch.bool, device=score.device)
+        used[ends[win].flatten()] = True
+        alive &= ~used[ends].any(dim=1)
+        if not bool(alive.any()):
+            break
+    return taken
+
+
+def _refine_stripe_groups(
+    scores: torch.Tensor,
+    p: Pattern,
+    block: int,
+    perm: torch.Tensor,
+    kept: float,
+    stripe_group_size: int | None,
+    window: int,
+    gen: torch.Generator,
+    clock: _Clock,
+) -> tuple[torch.Tensor, float, int]:
+    """Re-splits groups of ``s`` stripes in their best distinct arrangement until none improves.
+
+    Stripes are grouped inside windows of whole stripes within one block (a stripe that straddles
+    two blocks keeps its channels). A window with at most ``MAX_GROUPS`` stripe groups evaluates them
+    all and re-evaluates only the groups whose stripes changed; larger ones draw random disjoint
+    groups each round and stop after ``GROUP_PATIENCE`` rounds without improvement.
+    """
+    s = _group_size(p, stripe_group_size)
+    if s is None:
+        return perm, kept, 0
+    m, n = p.m, p.n
+    c, r = scores.shape[1], scores.shape[0]
+    ns = c // m
+    dev = scores.device
+    x = scores[:, perm].t().contiguous().float()
+    perm = perm.clone()
+    subsets, parts = kernels.distinct_partitions(m, s)
+    subsets, parts = subsets.to(dev), parts.to(dev)
+    first = torch.arange(ns) * m
+    inside = (first // block) == ((first + m - 1) // block)
+    per_block: dict[int, list[int]] = {}
+    for t in torch.nonzero(inside).flatten().tolist():
+        per_block.setdefault(t * m // block, []).append(t)
+    skipped = ns - int(inside.sum())
+    if skipped:
+        log.debug("%d stripes straddle blocks of %d channels; stripe groups leave them alone", skipped, block)
+    per_window = max(s, window // m)
+    shuffled = any(len(v) > per_window for v in per_block.values())
+    offsets = torch.arange(m, device=dev)
+    moves = 0
+    tol = max(1e-7 * abs(kept), 1e-30)
+    stripe_kept = kernels.stripe_thresholds(x.view(ns, m, r), n)[1]
+
+    def evaluate(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = x.view(ns, m, r)[groups].reshape(groups.shape[0], s * m, r)
+        best, arg, now = kernels.evaluate_groups(v, n, subsets, parts)
+        return best - now, arg
+
+    def apply(groups: torch.Tensor, arg: torch.Tensor) -> None:
+        pos = (groups.unsqueeze(2) * m + offsets).reshape(groups.shape[0], s * m)
+        order = subsets[parts[arg]].reshape(groups.shape[0], s * m)
+        src = pos.gather(1, order)
+        x[pos.flatten()] = x[src.flatten()]
+        perm[pos.flatten()] = perm[src.flatten()]
+        stripe_kept[groups.flatten()] = kernels.stripe_thresholds(x.view(ns, m, r)[groups.flatten()], n)[1]
+
+    sweep_start = float(stripe_kept.sum())
+    while not clock.expired():
+        windows: list[torch.Tensor] = []
+        for stripes in per_block.values():
+            order = torch.randperm(len(stripes), generator=gen).tolist() if shuffled else range(len(stripes))
+            ordered = [stripes[i] for i in order]
+            for w in range(0, len(ordered), per_window):
+                chunk = ordered[w : w + per_window]
+                if len(chunk) >= s:
+                    windows.append(torch.tensor(chunk, device=dev))
+        exhaustive = all(math.comb(len(w), s) <= MAX_GROUPS for w in windows)
+        if exhaustive:
+            groups = torch.cat([torch.combinations(w, r=s) for w in windows])
+            gain, arg = evaluate(groups)
+            while not clock.expired():
+                cand = torch.nonzero(gain > tol).flatten()
+                if cand.numel() == 0:
+                    break
+                pick = cand[_select_disjoint(gain[cand], groups[cand], ns)]
+                apply(groups[pick], arg[pick])
+                moves += pick.numel()
+                clock.tick(float(stripe_kept.sum()))
+                changed = torch.zeros(ns, dtype=torch.bool, device=dev)
+                changed[groups[pick].flatten()] = True
+                dirty = torch.nonzero(changed[groups].any(dim=1)).flatten()
+                gain[dirty], arg[dirty] = evaluate(groups[dirty])
+        else:
+            idle = 0
+            while idle < GROUP_PATIENCE and not clock.expired():
+                drawn = []
+                for w in windows:
+                    k = len(w) // s * s
+                    drawn.append(w[torch.randperm(len(w), generator=gen)[:k].to(dev)].view(-1, s))
+                groups = torch.cat(drawn)
+                gain, arg = evaluate(groups)
+                pick = torch.nonzero(gain > tol).flatten()
+                apply(groups[pick], arg[pick])
+                moves += pick.numel()
+                idle = 0 if pick.numel() else idle + 1
+                clock.tick(float(stripe_kept.sum()))
+        now = float(stripe_kept.sum())
+        if not shuffled or now - sweep_start <= SWEEP_RTOL * abs(sweep_start):
+            break
+        sweep_start = now
+    final = kept_score(scores[:, perm], p)
+    return perm, final, moves
