@@ -274,10 +274,14 @@ def export(
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
     model_dense = list(skips)
     violations: list[Skip] = []
+    convert_meta = getattr(module, "meta", {}).get("nmgraph_convert", {}) if converted else {}
+    left_dense = {s.name: s.reason for s in convert_meta.get("skipped", ())}
     for name, ok in nm.items():
         if ok:
             continue
-        skip = Skip(name, f"not {p} in the model: {diagnose_nm(params[name], p, axes[name]).reason}")
+        why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
+               f"not {p} in the model: {diagnose_nm(params[name], p, axes[name]).reason}")
+        skip = Skip(name, why)
         model_dense.append(skip)
         if plan is not None:
             violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
@@ -292,7 +296,7 @@ def export(
     if fp16:
         export_module = copy.deepcopy(module).to(torch.float16)
         export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
-    export_module.eval()
+    _set_eval(export_module)
     t0 = time.perf_counter()
     used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
                               dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
@@ -340,6 +344,13 @@ def export(
 
 
 # --- steps ---------------------------------------------------------------------------------------
+
+
+def _set_eval(module: torch.nn.Module) -> None:
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export's module() refuses eval(); set the flags directly
+        torch.nn.Module.train(module, False)
 
 
 def _replace(report: ExportReport, **changes: Any) -> ExportReport:

@@ -500,7 +500,7 @@ def _looks_sparse(arr: np.ndarray) -> bool:
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "fiub":
         arr = arr.astype(np.float32)  # bfloat16 / float8 via ml_dtypes
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, copy=True, order="C"))
 
 
 # --- naming -------------------------------------------------------------------------------------

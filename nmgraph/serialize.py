@@ -21,9 +21,11 @@ entries come back as ``+0.0``: a ``-0.0`` left by ``w * mask`` loads as ``+0.0``
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,8 @@ WEIGHTS_FILE = "weights.safetensors"
 INPUTS_FILE = "inputs.safetensors"
 PROGRAM_FILE = "program.pt2"
 _NM = "::nm."
+# torch.export.save warns that a 1-element placeholder does not cover its "complete tensor".
+_PLACEHOLDER_WARNING = "No complete tensor found"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
@@ -150,10 +154,11 @@ def save(
         _save_inputs(example_inputs, out / INPUTS_FILE)
         has_inputs = True
     has_program = False
+    program_imports: list[str] = []
     if program or (program is None and example_inputs is not None):
         if example_inputs is None:
             raise SerializationError("save(program=True) needs example_inputs to export the program.")
-        _save_program(model, example_inputs, out / PROGRAM_FILE)
+        program_imports = _save_program(model, example_inputs, out / PROGRAM_FILE)
         has_program = True
     elif (out / PROGRAM_FILE).exists():
         (out / PROGRAM_FILE).unlink()  # a stale program from an earlier save would not match
@@ -171,6 +176,7 @@ def save(
         "plan": plan.to_dict() if plan is not None else None,
         "permutations": _perms_to_json(permutations),
         "program": PROGRAM_FILE if has_program else None,
+        "program_imports": program_imports,
         "inputs": INPUTS_FILE if has_inputs else None,
         "nbytes": nbytes,
         "dense_nbytes": dense_nbytes,
@@ -227,7 +233,7 @@ def load(
                 "nmgraph.serialize.load(path, MyModel(...)), or save with example_inputs= to include "
                 "the program."
             )
-        target = _load_program(root / PROGRAM_FILE)
+        target = _load_program(root / PROGRAM_FILE, meta.get("program_imports", ()))
         from_program = True
     elif isinstance(model, torch.nn.Module):
         target = model
@@ -493,30 +499,74 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
 
 
-def _save_program(model: torch.nn.Module, example_inputs: Any, file: Path) -> None:
+def _save_program(model: torch.nn.Module, example_inputs: Any, file: Path) -> list[str]:
     """Saves a torch.export program whose weights are 1-element placeholders (weights.safetensors
-    holds the real ones)."""
+    holds the real ones). Returns the modules defining the program's input/output container types
+    (e.g. ``transformers.modeling_outputs``): loading must import them first to rebuild the types."""
     args, kwargs = _split_inputs(example_inputs)
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        ep = _export_program(model, args, kwargs)
     except Exception as e:
         raise SerializationError(
             f"Could not save a torch.export program of {type(model).__name__} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); save with "
             "program=False and load into the model object instead."
         ) from e
+    persistent = set(model.state_dict())
     sd = ep.state_dict
     for key in list(sd):
+        if key not in persistent:
+            continue  # non-persistent buffers are not in weights.safetensors: keep their values
         v = sd[key]
         placeholder = torch.zeros((), dtype=v.dtype).expand(v.shape)
         sd[key] = (torch.nn.Parameter(placeholder, requires_grad=v.requires_grad)
                    if isinstance(v, torch.nn.Parameter) else placeholder)
-    torch.export.save(ep, os.fspath(file))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PLACEHOLDER_WARNING)
+        torch.export.save(ep, os.fspath(file))
+    modules: set[str] = set()
+    for spec in (ep.call_spec.in_spec, ep.call_spec.out_spec):
+        _spec_modules(spec, modules)
+    return sorted(modules)
 
 
-def _load_program(file: Path) -> torch.nn.Module:
+def _export_program(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch axis when the model allows it, else with static shapes."""
+    from nmgraph.export import _dynamic_shapes
+
     try:
-        return torch.export.load(os.fspath(file)).module()
+        return torch.export.export(model, args, kwargs, strict=False,
+                                   dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+    except Exception:
+        log.debug("dynamic-batch export failed; saving a static program", exc_info=True)
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _spec_modules(spec: Any, out: set[str]) -> None:
+    if spec is None:
+        return
+    t = getattr(spec, "type", None)
+    mod = getattr(t, "__module__", None)
+    if mod and mod not in ("builtins", "collections", "torch.utils._pytree"):
+        out.add(mod)
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    for child in children:
+        _spec_modules(child, out)
+
+
+def _load_program(file: Path, imports: Sequence[str] = ()) -> torch.nn.Module:
+    for mod in imports:  # registers the container types of the program's inputs and outputs
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise SerializationError(
+                f"{str(file)!r} returns {mod} types, and importing {mod!r} failed ({e}); install the "
+                "package the model came from."
+            ) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_PLACEHOLDER_WARNING)
+            return torch.export.load(os.fspath(file)).module()
     except Exception as e:
         raise SerializationError(
             f"{str(file)!r} is corrupt or was written by an incompatible torch ({type(e).__name__}: "
