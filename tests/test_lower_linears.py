@@ -1,0 +1,314 @@
+"""lower_linears: linear/addmm -> nmgraph::nm_linear, equivalence, node counts, metadata, skips, export."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import nmgraph.ops  # noqa: F401  (registers torch.ops.nmgraph.*)
+from nmgraph import capture, compress, nm_mask
+from nmgraph.backends import BackendRegistry
+from nmgraph.backends.dense import DenseBackend
+from nmgraph.backends.dispatch import CPU_REASON, Dispatcher
+from nmgraph.backends.triton_nm import TritonBackend
+from nmgraph.errors import BackendUnavailableError, PatternError, StrictModeError, UnsupportedError
+from nmgraph.passes.lower_linears import LinearLowering, LowerLinearsConfig, lower_linears
+from nmgraph.passes.runner import run_passes
+
+from . import hf_models
+
+aten = torch.ops.aten
+NM_LINEAR = torch.ops.nmgraph.nm_linear.default
+CUDA = torch.cuda.is_available()
+KERNEL = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 40)
+        self.head = nn.Linear(40, 24, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _prune(model, pattern="2:4"):
+    """Prunes every Linear (axis 1) and GPT-2 Conv1D (axis 0) weight whose K divides by M."""
+    m = int(pattern.split(":")[1])
+    weights = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.in_features % m == 0:
+                mod.weight.mul_(nm_mask(mod.weight, pattern))
+                weights[f"{name}.weight"] = 1
+            elif type(mod).__name__ == "Conv1D" and mod.weight.shape[0] % m == 0:
+                mod.weight.mul_(nm_mask(mod.weight, pattern, axis=0))
+                weights[f"{name}.weight"] = 0
+    return weights
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def _mlp():
+    model = MLP().eval()
+    weights = _prune(model)
+    x = torch.randn(2, 3, 64)
+    return model, weights, x
+
+
+def _run(gm, *args):
+    with torch.no_grad():
+        return gm(*args)
+
+
+# ------------------------------------------------------------------ small MLP
+
+
+@pytest.mark.parametrize("backend", ["dense", pytest.param("triton", marks=needs_kernel)])
+def test_mlp_equivalence_counts_and_buffers(backend):
+    model, weights, x = _mlp()
+    ref = _run(model, x)
+    gm = capture(model, (x,))
+    before = {n.name: dict(n.meta) for n in gm.graph.nodes if n.target is aten.linear.default}
+    assert len(before) == 3
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend=backend))
+    gm.graph.lint()
+    assert _count(gm, aten.linear.default) == 0 and _count(gm, NM_LINEAR) == 3
+    assert len(result.changed_nodes) == 3 and result.modified and result.skipped == []
+    assert result.info["backends"] == dict.fromkeys(result.changed_nodes, backend)
+    torch.testing.assert_close(_run(gm, x), ref, rtol=1e-5, atol=1e-5)
+    # compressed tensors are buffers of the owning module; the dense weights left the graph module
+    for name in weights:
+        owner, leaf = name.rsplit(".", 1)
+        c = compress(model.get_parameter(name), "2:4")
+        assert torch.equal(gm.get_buffer(f"{owner}.{leaf}_nm_values"), c.values)
+        assert torch.equal(gm.get_buffer(f"{owner}.{leaf}_nm_indices"), c.indices)
+    assert sorted(result.info["dropped"]) == sorted(weights)
+    assert not any(n.endswith(".weight") for n, _ in gm.named_parameters())
+    assert all(n.endswith(".weight") for n in weights) and len(list(model.parameters())) == 5
+
+
+def test_node_metadata_is_carried_over():
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+    old = {n.args[1].target: dict(n.meta) for n in gm.graph.nodes if n.target is aten.linear.default}
+    lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
+    new = [n for n in gm.graph.nodes if n.target is NM_LINEAR]
+    assert len(new) == 3
+    for node in new:
+        tag = node.meta["nmgraph"]
+        assert isinstance(tag, LinearLowering) and tag.backend == "dense" and tag.pattern == "2:4"
+        src = old[tag.weight]
+        assert node.meta["val"].shape == src["val"].shape and node.meta["val"].dtype == src["val"].dtype
+        assert node.meta["nn_module_stack"] == src["nn_module_stack"]
+        assert node.meta["stack_trace"] == src["stack_trace"]
+        values_node, indices_node = node.args[1], node.args[2]
+        assert values_node.op == "get_attr" and values_node.meta["val"].shape == gm.get_buffer(values_node.target).shape
+        assert indices_node.meta["tensor_meta"].dtype == torch.uint8
+
+
+def test_lowered_graph_exports_and_compiles():
+    model, weights, x = _mlp()
+    ref = _run(model, x)
+    gm = capture(model, (x,))
+    lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
+    ep = torch.export.export(gm, (x,))
+    assert sum(1 for n in ep.graph.nodes if n.target is NM_LINEAR) == 3
+    torch.testing.assert_close(_run(ep.module(), x), ref, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(_run(compiled, x), ref, rtol=1e-5, atol=1e-5)
+    # biases still require grad: backward through the op reaches x and the bias
+    xg = x.clone().requires_grad_(True)
+    gm(xg).sum().backward()
+    assert xg.grad is not None and gm.get_parameter("fc1.bias").grad is not None
+
+
+@needs_kernel
+def test_lowered_triton_graph_exports():
+    model, weights, x = _mlp()
+    ref = _run(model, x)
+    gm = capture(model, (x,))
+    lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
+    ep = torch.export.export(gm, (x,))
+    ops = [n.args[-1] for n in ep.graph.nodes if n.target is NM_LINEAR]
+    assert ops == ["triton"] * 3
+    torch.testing.assert_close(_run(ep.module(), x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_in_the_pass_runner_with_lint():
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+    cfg = LowerLinearsConfig(weights=weights, backend="dense")
+    (result,) = run_passes(gm, [lower_linears], cfg, lint=True)
+    assert len(result.changed_nodes) == 3
+    torch.testing.assert_close(_run(gm, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ auto
+
+
+def test_auto_on_cpu_keeps_dense_and_says_why():
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="auto"))
+    assert not result.modified and _count(gm, aten.linear.default) == 3 and _count(gm, NM_LINEAR) == 0
+    assert len(result.skipped) == 3 and all(CPU_REASON in s.reason for s in result.skipped)
+    decisions = result.info["decisions"].decisions
+    assert [d.backend for d in decisions] == ["dense"] * 3
+    assert [d.key.m_bucket for d in decisions] == [8, 8, 8]  # x is [2, 3, 64]: 6 rows -> bucket 8
+    torch.testing.assert_close(_run(gm, x), _run(model, x))
+
+
+@needs_kernel
+def test_auto_lowers_where_measured_faster():
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+
+    def timer(label, fn):
+        fn()
+        return {"dense": 2e-3, "triton": 1e-3}[label]
+
+    registry = BackendRegistry([DenseBackend(), TritonBackend()])
+    disp = Dispatcher(registry=registry, timer=timer, measure_on_cpu=True)
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="auto", dispatcher=disp))
+    assert _count(gm, NM_LINEAR) == 3 and set(result.info["backends"].values()) == {"triton"}
+    assert all(d.speedup == pytest.approx(2.0) for d in result.info["decisions"].decisions)
+    torch.testing.assert_close(_run(gm, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ skips and errors
+
+
+class Odd(nn.Module):
+    """One linear of each kind that cannot lower."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(64, 32)  # not pruned: not N:M
+        self.ragged = nn.Linear(6, 8)  # K=6 not divisible by 4
+        self.scaled = nn.Parameter(torch.randn(16, 64))  # weight computed in the graph
+        self.emb = nn.Embedding(10, 64)  # a listed weight read by embedding
+        self.ok = nn.Linear(64, 16)
+
+    def forward(self, x, y, ids):
+        a = self.dense(x)
+        b = self.ragged(y)
+        c = torch.nn.functional.linear(x, self.scaled * 2.0)
+        d = self.emb(ids)
+        return a.sum() + b.sum() + c.sum() + d.sum() + self.ok(x).sum()
+
+
+def test_every_skip_has_a_reason():
+    model = Odd().eval()
+    with torch.no_grad():
+        model.ok.weight.mul_(nm_mask(model.ok.weight, "2:4"))
+    args = (torch.randn(2, 64), torch.randn(2, 6), torch.tensor([1, 2]))
+    gm = capture(model, args)
+    weights = {"dense.weight": 1, "ragged.weight": 1, "emb.weight": 1, "ok.weight": 1, "missing.weight": 1}
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert set(reasons) == {"dense.weight", "ragged.weight", "emb.weight", "missing.weight"}
+    assert "not 2:4" in reasons["dense.weight"] and "nmgraph.convert" in reasons["dense.weight"]
+    assert "in_features=6 is not divisible by M=4" in reasons["ragged.weight"]
+    assert "aten.embedding" in reasons["emb.weight"] and "only aten.linear and aten.addmm" in reasons["emb.weight"]
+    assert "not read by any aten.linear" in reasons["missing.weight"]
+    assert _count(gm, NM_LINEAR) == 1 and _count(gm, aten.linear.default) == 3
+    torch.testing.assert_close(_run(gm, *args), _run(model, *args), rtol=1e-5, atol=1e-4)
+
+    # without a list, every linear is considered: the computed weight is reported as such
+    gm2 = capture(model, args)
+    result2 = lower_linears(gm2, LowerLinearsConfig(backend="dense"))
+    computed = [s for s in result2.skipped if "not a parameter or buffer" in s.reason]
+    assert len(computed) == 1 and "computed by" in computed[0].reason and "aten.mul" in computed[0].reason
+    assert _count(gm2, NM_LINEAR) == 1
+
+
+def test_strict_turns_skips_into_an_error():
+    model, weights, x = _mlp()
+    with torch.no_grad():
+        model.fc2.weight.add_(1.0)  # no longer 2:4
+    gm = capture(model, (x,))
+    with pytest.raises(StrictModeError, match=r"fc2\.weight: not 2:4"):
+        lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense", strict=True))
+
+
+def test_wrong_axis_in_the_list_is_skipped():
+    model, _, x = _mlp()
+    gm = capture(model, (x,))
+    result = lower_linears(gm, LowerLinearsConfig(weights={"fc1.weight": 0}, backend="dense"))
+    assert [s.name for s in result.skipped] == ["fc1.weight"]
+    assert "axis 0" in result.skipped[0].reason and _count(gm, NM_LINEAR) == 0
+
+
+def test_forced_backend_unavailable_raises(monkeypatch):
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+    with pytest.raises(BackendUnavailableError, match=r"cannot lower fc1\.weight.*CUDA devices only"):
+        lower_linears(gm, LowerLinearsConfig(weights=weights, backend="cusparselt"))
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
+    assert _count(gm, aten.linear.default) == 3  # nothing half-done
+
+
+def test_config_validation():
+    with pytest.raises(UnsupportedError, match="backend='fast' is not one of"):
+        LowerLinearsConfig(backend="fast")
+    with pytest.raises(PatternError, match=r"LowerLinearsConfig\.pattern"):
+        LowerLinearsConfig(pattern="4:2")
+    with pytest.raises(UnsupportedError, match=r"weights\['fc1.weight'\] = 3"):
+        LowerLinearsConfig(weights={"fc1.weight": 3})
+    with pytest.raises(UnsupportedError, match="takes a LowerLinearsConfig or a dict"):
+        lower_linears(capture(MLP(), (torch.randn(1, 64),)), 42)
+    model, weights, x = _mlp()
+    gm = capture(model, (x,))
+    result = lower_linears(gm, {"weights": weights, "backend": "dense"})  # a plain dict works too
+    assert len(result.changed_nodes) == 3
+
+
+# ------------------------------------------------------------------ HF models
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_hf_models_match_the_pruned_reference_and_export(family):
+    model, args = hf_models.FACTORIES[family]()
+    weights = _prune(model)
+    ref = hf_models.first_tensor(_run(model, *args))
+    gm = capture(model, args)
+    n_linear = _count(gm, aten.linear.default) + _count(gm, aten.addmm.default)
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
+    lowered = _count(gm, NM_LINEAR)
+    # every pruned weight is lowered, except GPT-2's lm_head tied to the token embedding, which
+    # is lowered for the head and reported for the embedding
+    assert lowered == len(weights) == len(result.changed_nodes)
+    assert _count(gm, aten.linear.default) + _count(gm, aten.addmm.default) == n_linear - lowered
+    if family == "gpt2":
+        assert [s.name for s in result.skipped] == ["lm_head.weight"]
+        assert "aten.embedding" in result.skipped[0].reason
+        assert sum(1 for w in weights.values() if w == 0) == 8  # Conv1D [in, out] weights (addmm)
+    else:
+        assert result.skipped == []
+    out = hf_models.first_tensor(_run(gm, *args))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ep = torch.export.export(gm, args)
+    assert sum(1 for n in ep.graph.nodes if n.target is NM_LINEAR) == lowered
+    torch.testing.assert_close(hf_models.first_tensor(_run(ep.module(), *args)), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_llama_with_the_triton_kernel():
+    model, args = hf_models.llama(layers=1)
+    weights = _prune(model)
+    ref = hf_models.first_tensor(_run(model, *args))
+    gm = capture(model, args)
+    result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
+    assert _count(gm, NM_LINEAR) == len(weights) == 8
+    assert set(result.info["backends"].values()) == {"triton"}
+    torch.testing.assert_close(hf_models.first_tensor(_run(gm, *args)), ref, rtol=1e-4, atol=1e-4)
