@@ -54,13 +54,15 @@ def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclu
     return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
 
 
-def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool = True) -> bool:
+def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
     """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
 
-    With ``dropout`` the ``aten.dropout`` nodes are switched on/off too. The graph is recompiled
-    only if a node changed (under ``torch.compile`` that is one recompilation per switch). Sets
-    ``training`` on ``gm``'s modules. Returns whether the graph changed.
+    ``aten.dropout`` nodes are switched on when ``dropout`` is true and off when it is false;
+    ``None`` follows ``training``. The graph is recompiled only if a node changed (under
+    ``torch.compile`` that is one recompilation per switch). Sets ``training`` on ``gm``'s modules.
+    Returns whether the graph changed.
     """
+    dropout = training if dropout is None else dropout
     changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -68,8 +70,8 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool = True)
         if node.target is MASK_OP and node.args[6] is training:
             node.update_arg(6, not training)
             changed = True
-        elif dropout and node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not training:
-            node.update_arg(2, training)
+        elif node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not dropout:
+            node.update_arg(2, dropout)
             changed = True
     if changed:
         gm.recompile()
