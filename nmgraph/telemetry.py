@@ -6,7 +6,8 @@ evaluation uses and :func:`nmgraph.convert` folds) with
 * the previous step's mask: ``flips = |H_t \\ H_{t-1}| / |H_t|``, the fraction of kept weights
   replaced in one step;
 * the mask when tracking started (step 0 of a fresh run): ``dist_start = |H_t \\ H_0| / |H_t|``;
-* the mask at mid-training (``total_steps // 2`` or ``mid_step=``): ``dist_mid``, ``None`` before.
+* the mask at mid-training (``total_steps // 2`` or ``mid_step=``): ``dist_mid``, ``None`` before
+  that step.
 
 Every N:M mask keeps the same number of weights, so ``|H_t \\ H_ref| = |H_ref \\ H_t|`` and each
 value is in ``[0, 1]``. Global values sum counts over layers before dividing. One dict per step is
@@ -62,6 +63,8 @@ class SADTracker:
         """Compares the current masks with the references; returns this step's SAD dict."""
         step = self.state.current_step
         plan = self.state.current_plan()
+        if self.mid_step is not None and step == self.mid_step:
+            self._mid = self._snapshot()
         names, rows = [], []
         for _, st in self.state.layers():
             h = st.hard
@@ -97,8 +100,6 @@ class SADTracker:
         }
         for _, st in self.state.layers():
             self._prev[st.weight_name].copy_(st.hard)
-        if self.mid_step is not None and step == self.mid_step:
-            self._mid = self._snapshot()
         if self.keep_history:
             self.history.append(record)
         if self.log_every and step % self.log_every == 0:
