@@ -19,13 +19,15 @@ onnxruntime with that copy. Zeros stay zeros in float16, so the pattern survives
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,17 +266,22 @@ def export(
     params = dict(module.named_parameters(remove_duplicate=False))
     nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
     converted = False
+    convert_meta: Mapping[str, Any] = {}
     if convert is True or (convert == "auto" and nm and not any(nm.values())):
         t0 = time.perf_counter()
-        module = _run_convert(module, args, kwargs, p, plan)
+        converted_gm = _run_convert(module, args, kwargs, p, plan)
         seconds["convert"] = time.perf_counter() - t0
+        convert_meta = getattr(converted_gm, "meta", {}).get("nmgraph_convert", {})
+        # convert prunes the model's own parameters in place: export the model itself (its module
+        # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
+        if not _shares_parameters(converted_gm, module):
+            module = converted_gm
         converted = True
         axes, skips = sparse_weight_axes(module, p, plan)
         params = dict(module.named_parameters(remove_duplicate=False))
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
     model_dense = list(skips)
     violations: list[Skip] = []
-    convert_meta = getattr(module, "meta", {}).get("nmgraph_convert", {}) if converted else {}
     left_dense = {s.name: s.reason for s in convert_meta.get("skipped", ())}
     for name, ok in nm.items():
         if ok:
@@ -394,6 +401,14 @@ def _run_convert(module, args, kwargs, p: Pattern, plan) -> torch.nn.Module:
     extra = {"plan": plan} if plan is not None and _accepts(convert_fn, "plan") else {}
     out = convert_fn(gm, pattern=p, **extra)
     return getattr(out, "gm", out)
+
+
+def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """True when every parameter of ``gm`` is the model's own object under the same name."""
+    if gm is model:
+        return True
+    own = dict(model.named_parameters(remove_duplicate=False))
+    return all(own.get(name) is t for name, t in gm.named_parameters(remove_duplicate=False))
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -527,7 +542,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     try:
         import warnings
 
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _trainable(module):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, args, os.fspath(path), kwargs=kwargs or None, dynamo=False,
@@ -544,6 +559,27 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
             "decoders, or a newer opset (opset=...)."
         ) from e
     return "torchscript", (failures[0] if failures else None)
+
+
+@contextlib.contextmanager
+def _trainable(module: torch.nn.Module) -> Iterator[None]:
+    """Lets the TorchScript exporter call ``train()`` on a graph from ``torch.export`` (which
+    refuses it) by setting the flags directly, for the duration of the export."""
+    if not isinstance(module, torch.fx.GraphModule):
+        yield
+        return
+    try:
+        module.train(module.training)
+    except NotImplementedError:
+        pass
+    else:
+        yield
+        return
+    module.train = types.MethodType(lambda self, mode=True: torch.nn.Module.train(self, mode), module)
+    try:
+        yield
+    finally:
+        del module.train
 
 
 def _first_line(e: BaseException) -> str:
