@@ -541,6 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_dependencies(quiet: bool) -> Iterator[None]:
+    """Hides third-party deprecation chatter and INFO/WARNING logs; restores everything after."""
+    names = ("torch", "transformers", "onnxscript")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            for n in names:
+                logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (0 ok, 1 error, 2 usage)."""
     parser = build_parser()
@@ -556,13 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not a.verbose:  # the command's own output, not third-party deprecation chatter
-        for name in ("torch", "transformers", "onnxscript"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        return int(a.func(a) or 0)
+        with _quiet_dependencies(not a.verbose):
+            return int(a.func(a) or 0)
     except KeyboardInterrupt:
         print("nmgraph: interrupted", file=sys.stderr)
         return 130

@@ -27,9 +27,7 @@ def _gemm_weights(model):
     out = {}
     seen = set()
     for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            axis = 1
-        elif isinstance(mod, torch.nn.Conv2d):
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             axis = 1
         elif isinstance(mod, Conv1D):
             axis = 0
@@ -202,7 +200,7 @@ def test_bad_arguments(tmp_path):
         export(model, tmp_path / "m.x", args, format="coreml")
     with pytest.raises(UnsupportedError, match="does not exist"):
         export(model, tmp_path / "missing" / "m.onnx", args)
-    with pytest.raises(UnsupportedError, match="needs a torch.nn.Module"):
+    with pytest.raises(UnsupportedError, match=r"needs a torch\.nn\.Module"):
         export(lambda x: x, tmp_path / "m.onnx", args)
 
 

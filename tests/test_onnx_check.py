@@ -205,7 +205,7 @@ def test_torchscript_export_names_from_node_names_and_values(tmp_path):
 def test_bad_inputs():
     with pytest.raises(SerializationError, match="does not exist"):
         check_onnx("/nonexistent/model.onnx")
-    with pytest.raises(UnsupportedError, match="takes a path or an onnx.ModelProto"):
+    with pytest.raises(UnsupportedError, match=r"takes a path or an onnx\.ModelProto"):
         check_onnx(torch.nn.Linear(2, 2))
 
 
