@@ -12,7 +12,13 @@ from nmgraph.backends import BackendRegistry
 from nmgraph.backends.dense import DenseBackend
 from nmgraph.backends.dispatch import CPU_REASON, Dispatcher
 from nmgraph.backends.triton_nm import TritonBackend
-from nmgraph.errors import BackendUnavailableError, PatternError, StrictModeError, UnsupportedError
+from nmgraph.errors import (
+    BackendUnavailableError,
+    PatternError,
+    ShapeError,
+    StrictModeError,
+    UnsupportedError,
+)
 from nmgraph.passes.lower_linears import LinearLowering, LowerLinearsConfig, lower_linears
 from nmgraph.passes.runner import run_passes
 
@@ -123,10 +129,30 @@ def test_lowered_graph_exports_and_compiles():
     torch.testing.assert_close(_run(ep.module(), x), ref, rtol=1e-5, atol=1e-5)
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(_run(compiled, x), ref, rtol=1e-5, atol=1e-5)
-    # biases still require grad: backward through the op reaches x and the bias
-    xg = x.clone().requires_grad_(True)
-    gm(xg).sum().backward()
-    assert xg.grad is not None and gm.get_parameter("fc1.bias").grad is not None
+    # biases still require grad: backward through the op gives the dense model's x and bias grads
+    x_ref, x_low = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    model(x_ref).square().sum().backward()
+    ref_bias_grad = model.fc1.bias.grad.clone()
+    model.zero_grad()
+    gm(x_low).square().sum().backward()
+    torch.testing.assert_close(x_low.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm.get_parameter("fc1.bias").grad, ref_bias_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_op_checks_its_arguments():
+    c = compress(torch.tensor([[0.0, 2.0, 0.0, 3.0]] * 8), "2:4")
+    x = torch.randn(3, 4)
+    y = torch.ops.nmgraph.nm_linear(x, c.values, c.indices, None, 2, 4, 8, 4, "dense")
+    torch.testing.assert_close(y, x @ c.to_dense().t())
+    with pytest.raises(UnsupportedError, match="unknown backend 'fast'"):
+        torch.ops.nmgraph.nm_linear(x, c.values, c.indices, None, 2, 4, 8, 4, "fast")
+    with pytest.raises(ShapeError, match=r"x must be \[\.\.\., 4\]"):
+        torch.ops.nmgraph.nm_linear(torch.randn(3, 8), c.values, c.indices, None, 2, 4, 8, 4, "dense")
+    with torch._subclasses.FakeTensorMode() as mode:  # the fake impl gives the output's shape
+        fx_ = mode.from_tensor(torch.randn(2, 5, 4))
+        out = torch.ops.nmgraph.nm_linear(fx_, mode.from_tensor(c.values), mode.from_tensor(c.indices), None,
+                                          2, 4, 8, 4, "triton")
+        assert out.shape == (2, 5, 8)
 
 
 @needs_kernel
