@@ -64,6 +64,7 @@ class _Class:
     barriers: list[str] = field(default_factory=list)
     block: int = 0  # 0 = unconstrained
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, space index)
+    repeat_of: tuple[int, int, int] | None = None  # (source space, repeats, block): repeated heads
 
 
 class _Flow:
@@ -114,6 +115,12 @@ class _Flow:
         self.parent[rb] = ra
         cb.barriers.extend(r for r in ca.barriers if r not in cb.barriers)
         cb.block = _gcd_block(cb.block, ca.block)
+        if ca.repeat_of and cb.repeat_of and ca.repeat_of[1:] == cb.repeat_of[1:]:
+            self.union(ca.repeat_of[0], cb.repeat_of[0], "repeated heads of the same shape")
+        elif ca.repeat_of and cb.repeat_of:
+            self.barrier(ra, "channels repeated in two different ways")
+        elif ca.repeat_of:
+            cb.repeat_of = ca.repeat_of
         if ca.segments and cb.segments:
             self._merge_segments(ra, ca.segments, cb.segments)
         elif ca.segments:
@@ -613,6 +620,7 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
         out_axes: list[int] = []
         inner = s.inner
         ok = True
+        repeat_of: tuple[int, int] | None = None
         for ci, cj in chunks:
             big_ci = [a for a in ci if ins[a] != 1]
             hit = [a for a in big_ci if a in s.axes]
@@ -620,6 +628,13 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                 continue
             if hit == big_ci:
                 out_axes.extend(a for a in cj if outs[a] != 1)
+            elif (len(hit) == 1 and hit == big_ci[:1] and len(s.axes) > 1 and s.inner == 1
+                  and _broadcast_axes(src, big_ci[1:])):
+                # expand + reshape repeating heads (grouped-query attention's K/V): each head of the
+                # source serves `repeat` consecutive heads of the output
+                repeat = math.prod(ins[a] for a in big_ci[1:])
+                out_axes.extend(a for a in cj if outs[a] != 1)
+                repeat_of = (repeat, hit[0])
             elif inner == 1 and hit == big_ci[: len(hit)]:
                 # channels are the major part of the merged axis: flattened conv channels
                 inner = math.prod(ins[a] for a in big_ci[len(hit):])
@@ -636,7 +651,24 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                 "channels repeated by expand + reshape (grouped-query attention shares key/value heads; "
                 "their channels stay in place)" if repeated else "reshape splits flattened channels"))
             continue
+        if repeat_of is not None:
+            repeat, head_axis = repeat_of
+            block = s.channels // ins[head_axis]  # channels per head
+            out = flow.new(node, tuple(out_axes), inner)
+            flow.constrain_block(s.index, block)
+            flow.constrain_block(out, block)
+            flow.cls(out).repeat_of = (s.index, repeat, block)
+            continue
         flow.union(s.index, flow.new(node, tuple(out_axes), inner), _op_name(node))
+
+
+def _broadcast_axes(node: fx.Node, axes: Sequence[int]) -> bool:
+    """True if ``node`` is an expand whose ``axes`` were size 1 before it (pure repetition)."""
+    if not axes or not isinstance(node, fx.Node) or node.target is not aten.expand.default:
+        return False
+    src_shape = _shape(node.args[0])
+    shift = len(_shape(node)) - len(src_shape)
+    return all(a - shift < 0 or src_shape[a - shift] == 1 for a in axes)
 
 
 def _unsqueeze(flow: _Flow, node: fx.Node) -> None:
@@ -1108,9 +1140,10 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
     # Expand segmented classes: a member of a segmented class belongs to each segment's class with
     # an offset. Barriers of a segmented class propagate into its segments.
     roots = sorted({flow.find(i) for i in range(len(flow.spaces))})
-    members_of: dict[int, list[tuple[_Space, int, int]]] = {}  # root -> [(space, offset, width)]
+    # root -> [(space, offset, width, repeat, repeat_block)]
+    members_of: dict[int, list[tuple[_Space, int, int, int, int]]] = {}
     for i, s in enumerate(flow.spaces):
-        members_of.setdefault(flow.find(i), []).append((s, 0, s.channels))
+        members_of.setdefault(flow.find(i), []).append((s, 0, s.channels, 1, 0))
 
     def resolve(root: int, depth: int = 0) -> None:
         c = flow.info[root]
@@ -1124,9 +1157,9 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
             for r in c.barriers:
                 flow.barrier(sroot, f"part of a concatenation that {r}")
             # members of this class restricted to the segment
-            for s, off, _width in members_of.get(root, []):
+            for s, off, _width, rep, rblock in members_of.get(root, []):
                 if s.node.op == "get_attr":
-                    members_of.setdefault(sroot, []).append((s, off + start, _stop - start))
+                    members_of.setdefault(sroot, []).append((s, off + start, _stop - start, rep, rblock))
             if c.block and (start % c.block or (_stop - start) % c.block):
                 flow.barrier(sroot, "concat/split offsets cut through a block")
             resolve(sroot, depth + 1)
@@ -1134,6 +1167,28 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
 
     for r in roots:
         resolve(r)
+
+    # Repeated heads: members of a repeated class follow the permutation of its source class.
+    owner: dict[int, int] = {}
+    for r in sorted({flow.find(i) for i in range(len(flow.spaces))}):
+        c = flow.info[r]
+        if c.repeat_of is None:
+            continue
+        src_idx, repeat, block = c.repeat_of
+        sroot = flow.find(src_idx)
+        if sroot == r:
+            flow.barrier(r, "repeated heads feed back into their source")
+            continue
+        owner[r] = sroot
+        for reason in c.barriers:
+            flow.barrier(sroot, f"its repeated heads: {reason}")
+        for s, off, width, rep, _ in members_of.get(r, []):
+            if s.node.op == "get_attr":
+                if rep != 1 or off:
+                    flow.barrier(sroot, "repeated heads that are also concatenated or repeated again")
+                members_of.setdefault(sroot, []).append((s, 0, width // repeat, repeat, block))
+        members_of[r] = [x for x in members_of.get(r, []) if x[0].node.op != "get_attr"]
+        c.barriers = c.barriers or ["channels are repeated heads (listed with their source group)"]
 
     groups: list[PermutationGroup] = []
     barriers: list[Skip] = []
@@ -1151,12 +1206,12 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
             continue
         mems: dict[tuple, Member] = {}
         size = flow.spaces[r].channels
-        for s, off, width in members_of.get(r, []):
+        for s, off, width, rep, rblock in members_of.get(r, []):
             if s.node.op != "get_attr" or s.node.target not in tensors or len(s.axes) != 1:
                 continue
             t = tensors[s.node.target]
             name = canonical.get(id(t), s.node.target)
-            m = Member(name, s.axes[0], off * s.inner, (off + width) * s.inner, s.inner)
+            m = Member(name, s.axes[0], off * s.inner, (off + width * rep) * s.inner, s.inner, rep, rblock)
             mems[(name, m.axis, off)] = m
         if not mems:
             continue
@@ -1168,7 +1223,7 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
         consumers = []
         for info in layers:
             idx = consumer_space.get(info.name)
-            if idx is not None and flow.find(idx) == r:
+            if idx is not None and owner.get(flow.find(idx), flow.find(idx)) == r:
                 t = tensors[info.name]
                 full = any(m.name == info.name and m.axis == info.axis and m.start == 0 and
                            m.stop == t.shape[info.axis] and m.inner == 1 for m in mems.values())

@@ -62,7 +62,11 @@ class Member:
 
     Channels ``start:stop`` of axis ``axis`` of tensor ``name`` (a parameter or buffer) hold the
     group's channels; each channel spans ``inner`` consecutive indices (``inner > 1`` where a
-    conv's channels are flattened into a Linear's input). Iterates as ``(name, axis)``.
+    conv's channels are flattened into a Linear's input). ``repeat > 1``: the tensor holds every
+    block of ``repeat_block`` channels ``repeat`` times in a row, each copy permuted like its
+    block (grouped-query attention: a key/value head serves ``repeat`` query heads, so ``o_proj``
+    columns and ``q_proj`` rows follow the permutation of their shared K/V head). Iterates as
+    ``(name, axis)``.
     """
 
     name: str
@@ -70,6 +74,8 @@ class Member:
     start: int = 0
     stop: int | None = None
     inner: int = 1
+    repeat: int = 1
+    repeat_block: int = 0
 
     def __iter__(self) -> Iterator:
         return iter((self.name, self.axis))

@@ -386,7 +386,7 @@ def _count(plan, kind=None, size=None):
         ("bert", {}, {"residual": 64, "ffn": (128, 2), "heads": 4, "eligible": 13}),
         ("gpt2", {}, {"residual": 64, "ffn": (256, 2), "heads": 4, "eligible": 8}),
         ("llama", {"kv_heads": 4}, {"residual": 64, "ffn": (128, 2), "heads": 2, "eligible": 14}),
-        ("llama", {"kv_heads": 2}, {"residual": 64, "ffn": (128, 2), "heads": 0, "eligible": 14}),
+        ("llama", {"kv_heads": 2}, {"residual": 64, "ffn": (128, 2), "heads": 2, "eligible": 14}),
         ("vit", {}, {"residual": 64, "ffn": (128, 2), "heads": 4, "eligible": 12}),
     ],
     ids=["bert", "gpt2", "llama", "llama-gqa", "vit"],
@@ -403,8 +403,12 @@ def test_transformers(name, kwargs, expect):
     assert _count(plan, "heads") == expect["heads"]
     log.info("%s: %.0f%% of eligible weights have permutable input channels", name, 100 * plan.permutable_fraction)
     print(f"{name}{kwargs}: permutable fraction {plan.permutable_fraction:.2f}")
-    if name == "llama" and kwargs["kv_heads"] == 2:
-        assert "grouped-query attention" in _barrier_reasons(plan)
+    assert plan.permutable_fraction == 1.0
+    if name == "llama" and kwargs["kv_heads"] == 2:  # o_proj columns follow their shared K/V head
+        vo = [g for g in plan.groups if g.kind == "heads"]
+        assert all(g.size == 32 and g.block == 16 for g in vo)
+        o = [m for g in vo for m in g.members if m.name.endswith("o_proj.weight")]
+        assert len(o) == 2 and all(m.repeat == 2 and m.repeat_block == 16 and m.stop == 64 for m in o)
 
 
 @pytest.mark.parametrize("name,groups,fraction", [("resnet", 6, 1.0), ("convnext", 4, 1.0), ("mobilenet_v2", 25, 1.0)])
@@ -415,3 +419,36 @@ def test_cnns(name, groups, fraction):
     assert len(plan.groups) == groups
     assert plan.permutable_fraction == fraction
     print(f"{name}: permutable fraction {plan.permutable_fraction:.2f}")
+
+
+class GroupedQueryAttention(nn.Module):
+    """GQA without RoPE, K/V heads repeated by expand + reshape: Q heads follow their K head."""
+
+    def __init__(self, d=32, h=4, kv=2):
+        super().__init__()
+        self.h, self.kv, self.hd = h, kv, d // h
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+
+    def _repeat(self, t):
+        b, kv, s, hd = t.shape
+        return t[:, :, None].expand(b, kv, self.h // kv, s, hd).reshape(b, self.h, s, hd)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.hd).transpose(1, 2)
+        k = self._repeat(self.k(x).view(b, s, self.kv, self.hd).transpose(1, 2))
+        v = self._repeat(self.v(x).view(b, s, self.kv, self.hd).transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_grouped_query_attention_repeats_heads():
+    plan = _check(GroupedQueryAttention(), torch.randn(2, 5, 32), seeds=(0, 1, 2), include=["o"])
+    vo = _group_with(plan, "v.weight", 0)
+    assert vo.size == 16 and vo.block == 8 and vo.consumers == ("o.weight",)
+    o = next(m for m in vo.members if m.name == "o.weight")
+    assert (o.repeat, o.repeat_block, o.stop) == (2, 8, 32)
+    qk = _group_with(plan, "k.weight", 0)
+    q = next(m for m in qk.members if m.name == "q.weight")
+    assert qk.size == 16 and (q.repeat, q.axis) == (2, 0)

@@ -83,8 +83,21 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return {**dict(gm.named_buffers(remove_duplicate=False)), **dict(gm.named_parameters(remove_duplicate=False))}
 
 
+def _expand_repeat(m: Member, perm: torch.Tensor) -> torch.Tensor:
+    """The permutation of a member that holds each block of channels ``m.repeat`` times."""
+    if m.repeat == 1:
+        return perm
+    b = m.repeat_block
+    heads = perm.numel() // b
+    base = torch.arange(heads, device=perm.device) * b
+    local = perm.view(heads, b) - base.unsqueeze(1)  # each head's own permutation
+    copies = torch.arange(heads, device=perm.device).unsqueeze(1) * m.repeat + torch.arange(
+        m.repeat, device=perm.device)
+    return (copies.unsqueeze(-1) * b + local.unsqueeze(1)).flatten()
+
+
 def _member_index(m: Member, perm: torch.Tensor, dim: int) -> torch.Tensor:
-    perm = perm.to(torch.long)
+    perm = _expand_repeat(m, perm.to(torch.long))
     seg = (perm.unsqueeze(1) * m.inner + torch.arange(m.inner, device=perm.device)).flatten() + m.start
     stop = m.start + perm.numel() * m.inner
     return torch.cat([torch.arange(0, m.start, device=perm.device), seg,
@@ -106,7 +119,7 @@ def apply_permutation(gm: fx.GraphModule, group: PermutationGroup, perm: torch.T
                     f"group {group.id} names {m.name!r}, which this graph module does not have; the plan "
                     "was made for another graph. Re-run nmgraph.analyze on this graph."
                 )
-            stop = m.start + group.size * m.inner
+            stop = m.start + group.size * m.inner * m.repeat
             if m.axis >= t.dim() or t.shape[m.axis] < stop or (m.stop is not None and m.stop != stop):
                 raise PlanError(
                     f"group {group.id} expects {m.name!r} to hold channels {m.start}:{stop} of axis {m.axis}, "
@@ -150,7 +163,11 @@ def _score_matrix(gm: fx.GraphModule, group: PermutationGroup, score: Mapping[st
     for name in group.consumers:
         m = next(x for x in group.members if x.name == name)
         w = score[name] if score is not None and name in score else tensors[name].detach().abs()
-        rows.append(w.float().movedim(m.axis, -1).reshape(-1, group.size))
+        w = w.float().movedim(m.axis, -1)
+        if m.repeat > 1:  # every copy of a head is another set of rows under the same permutation
+            heads = group.size // m.repeat_block
+            w = w.reshape(-1, heads, m.repeat, m.repeat_block).movedim(2, 0)
+        rows.append(w.reshape(-1, group.size))
     return torch.cat(rows) if rows else None
 
 
