@@ -27,7 +27,10 @@ from nmgraph.pattern import Pattern, PatternLike, group_view, is_nm, nm_mask, un
 
 __all__ = ["CompressedNM", "compress"]
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +83,7 @@ class CompressedNM:
 
     def unpack_indices(self) -> torch.Tensor:
         """In-group index of every kept value, ``[rows, K*n/m]`` int64."""
-        bits = self.indices.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(self.indices.device)) != 0
+        bits = self.indices.unsqueeze(-1).bitwise_and(_bit_weights(self.indices.device)) != 0
         bits = bits.flatten(-2)[..., : self.values.shape[1]].long()  # [planes, rows, kept]
         weights = (2 ** torch.arange(bits.shape[0], device=bits.device)).view(-1, 1, 1)
         return (bits * weights).sum(0)
@@ -160,7 +163,7 @@ def compress(weight: torch.Tensor, pattern: PatternLike, *, axis: int = 1) -> Co
     if pad:
         planes = torch.nn.functional.pad(planes, (0, pad))
     planes = planes.view(p.index_bits, rows, -1, 8)
-    packed = (planes * _BIT_WEIGHTS.to(weight.device)).sum(-1, dtype=torch.int32).to(torch.uint8)
+    packed = (planes * _bit_weights(weight.device)).sum(-1, dtype=torch.int32).to(torch.uint8)
     axis = axis % weight.dim()
     return CompressedNM(values, packed.contiguous(), tuple(weight.shape), p.n, p.m, axis)
 

@@ -67,6 +67,7 @@ class CompiledModule(torch.nn.Module):
         self.report = CompileReport()
         self._graphs: dict[tuple, fx.GraphModule] = {}
         self._sparsified = False
+        self._dispatcher = None  # one per compiled model: measurements are shared across signatures
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sig = _signature(args, kwargs)
@@ -103,7 +104,12 @@ class CompiledModule(torch.nn.Module):
         if self.backend == "tensorrt":
             raise UnsupportedError("nmgraph.compile(backend='tensorrt') builds engines through nmgraph.export("
                                    "..., format='tensorrt'); use that entry point.")
+        if self._dispatcher is None:
+            from nmgraph.backends.dispatch import Dispatcher
+
+            self._dispatcher = opts.get("dispatcher") or Dispatcher(cache_path=opts.get("cache_path"))
         result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=backend,
+                                                      dispatcher=self._dispatcher,
                                                       strict=opts.get("strict", False)))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
@@ -123,7 +129,8 @@ def compile(
     device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights).
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
     Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``include``,
-    ``exclude``, ``strict``, ``method``. ``result.report`` tells what was done after the first call.
+    ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of
+    the per-layer backend measurements). ``result.report`` tells what was done after the first call.
     """
     p = Pattern.parse(pattern)
     if backend not in BACKENDS:
