@@ -287,7 +287,7 @@ def export(
         if ok:
             continue
         why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
-               f"not {p} in the model: {diagnose_nm(params[name], p, axes[name]).reason}")
+               f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
         skip = Skip(name, why)
         model_dense.append(skip)
         if plan is not None:
@@ -552,11 +552,15 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     except Exception as e:
         failures.append(f"torch.onnx.export(dynamo=False): {type(e).__name__}: {_first_line(e)}")
         log.debug("TorchScript ONNX export failed", exc_info=True)
+        hint = ("the graph was captured for other input shapes: pass the example inputs it was "
+                "captured with, or export the original model (convert changes its weights in place)"
+                if any("Guard failed" in f for f in failures) else
+                "pass example inputs exactly as the model is called, use_cache=False for HF "
+                "decoders, or a newer opset (opset=...)")
         raise CaptureError(
             f"ONNX export of {type(module).__name__} failed:\n"
             + "\n".join(f"  - {f}" for f in failures)
-            + "\nTry: pass example inputs exactly as the model is called, use_cache=False for HF "
-            "decoders, or a newer opset (opset=...)."
+            + f"\nTry: {hint}."
         ) from e
     return "torchscript", (failures[0] if failures else None)
 
@@ -583,8 +587,13 @@ def _trainable(module: torch.nn.Module) -> Iterator[None]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
+    """The first line of the innermost cause (the exporters wrap the real error), without colors."""
+    import re
+
+    while e.__cause__ is not None and str(e.__cause__).strip():
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _check_model(path: Path) -> int | None:

@@ -576,8 +576,15 @@ def _scope_name(node: Any) -> str | None:
                 return f"{scopes[-2]}.weight"
             return None
     if node.name.startswith("/") and node.name.count("/") >= 2:
-        parts = node.name.strip("/").split("/")[:-1]
-        return ".".join(parts) + ".weight"
+        # TorchScript scopes: "/resnet/encoder/stages.0/layer/layer.0/conv/Conv": a child of a
+        # Sequential / ModuleList repeats its parent's name ("layer" then "layer.0").
+        path: list[str] = []
+        for seg in node.name.strip("/").split("/")[:-1]:
+            if path and seg.startswith(path[-1] + "."):
+                path[-1] = seg
+            else:
+                path.append(seg)
+        return ".".join(path) + ".weight"
     return None
 
 

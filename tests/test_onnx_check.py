@@ -202,6 +202,15 @@ def test_torchscript_export_names_from_node_names_and_values(tmp_path):
     assert [(x.name, x.name_source) for x in renamed.layers] == [("fc1.weight", "value"), ("fc2.weight", "value")]
 
 
+def test_torchscript_scope_names_of_sequential_children():
+    w = _pruned((8, 8, 1, 1), axis=1)
+    model = _model([helper.make_node("Conv", ["x", "onnx::Conv_7"], ["y"],
+                                     name="/enc/stages.0/layer/layer.0/convolution/Conv")],
+                   {"onnx::Conv_7": w}, [_vi("x", [1, 8, 4, 4])], [_vi("y", [1, 8, 4, 4])])
+    (layer,) = check_onnx(model).layers
+    assert (layer.name, layer.name_source) == ("enc.stages.0.layer.0.convolution.weight", "scope")
+
+
 def test_bad_inputs():
     with pytest.raises(SerializationError, match="does not exist"):
         check_onnx("/nonexistent/model.onnx")

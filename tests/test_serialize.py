@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,18 @@ def test_mismatched_model_names_the_tensor(tmp_path):
         load(tmp_path / "m", other)
     with pytest.raises(SerializationError, match=r"no program\.pt2: pass the model"):
         load(tmp_path / "m")
+
+
+def test_docs_walkthrough_runs(tmp_path, monkeypatch):
+    """The prepare -> train -> convert -> export -> save walk-through of docs/export.md runs as written."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("nmgraph.training")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    section = doc.split("## Walk-through", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/export.md", "exec"), namespace)  # its asserts are the checks
+    report = namespace["report"]
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model_nm" / META_FILE).is_file()
+    assert set(report.eligible) == {"0.weight", "2.weight"} and not report.lost
