@@ -166,20 +166,29 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
 
     Dynamo passes the model's parameters as graph inputs; they are bound back to the Parameter
     objects so the pipeline can analyze, permute and prune them, and the returned callable drops
-    them from each call.
+    them from each call. The sparsified, lowered graph then goes to inductor (the nmgraph ops have
+    fake implementations, so inductor compiles the rest of the graph around them); pass
+    ``options={"inductor": False}`` to run it as an FX graph instead.
     """
     options = dict(kwargs.get("options") or {})
     pattern = options.pop("pattern", "2:4")
     backend = options.pop("backend", "auto")
+    use_inductor = options.pop("inductor", True)
     bound, real_idx = _bind_parameters(gm, example_inputs)
     compiled = compile(bound, pattern, backend, **options)
+    real_examples = [example_inputs[i] for i in real_idx]
+    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}))
+    runner: Any = lowered
+    if use_inductor:
+        from torch._inductor.compile_fx import compile_fx
 
+        runner = compile_fx(lowered, real_examples)
     n_all = len(example_inputs)
 
     def run(*args: Any) -> Any:
         if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now
             args = tuple(args[i] for i in real_idx)
-        return compiled(*args)
+        return runner(*args)
 
     run.nmgraph_compiled = compiled  # type: ignore[attr-defined]
     return run
