@@ -25,9 +25,12 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
+from nmgraph.export import ExportReport, export
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
 from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.serialize import load, save
+from nmgraph.training import SparsityCallback, convert, prepare
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,7 @@ __all__ = [
     "CaptureError",
     "CompiledModule",
     "CompressedNM",
+    "ExportReport",
     "LayerInfo",
     "Member",
     "NMGraphError",
@@ -47,6 +51,7 @@ __all__ = [
     "SerializationError",
     "ShapeError",
     "Skip",
+    "SparsityCallback",
     "SparsityPlan",
     "StrictModeError",
     "UnsupportedError",
@@ -56,7 +61,12 @@ __all__ = [
     "capture",
     "compile",
     "compress",
+    "convert",
+    "export",
     "is_nm",
+    "load",
     "nm_mask",
     "permute",
+    "prepare",
+    "save",
 ]
