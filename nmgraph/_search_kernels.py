@@ -1,21 +1,19 @@
 """Batched tensor kernels behind :mod:`nmgraph.permutation_search`.
 
-Everything here is pure tensor math on a *position-major* layout: ``X[p, r]`` is the score of row
-``r`` at channel position ``p``, so stripe ``s`` (positions ``s*m .. s*m+m-1``) is ``X.view(-1, m,
-R)[s]``. Keeping positions as the leading dim makes a channel swap a swap of two rows of ``X``.
+Layout: a score matrix ``X [R, C]`` (rows, channel positions); stripe ``s`` is positions
+``s*m .. s*m+m-1``, i.e. ``X.view(R, -1, m)[:, s]``.
 
-The swap gain identity used by the greedy search. In one row, let a stripe hold values ``v`` and
-let ``t_p`` be the ``n``-th largest of the stripe's values *other than* slot ``p``. Keeping the top
-``n`` of the stripe after putting value ``y`` into slot ``p`` keeps ``top_{n-1}(others) + max(y,
-t_p)``. Hence the change of a stripe's kept score when the channel at position ``p`` is replaced by
-the channel at position ``q`` is exactly::
+The swap gain identity used by the greedy search. In one row, let ``t_p`` be the ``n``-th largest
+of the values of ``p``'s stripe *other than* slot ``p``. Keeping the top ``n`` of the stripe after
+putting value ``y`` into slot ``p`` keeps ``top_{n-1}(others) + max(y, t_p)``. Hence the change of
+a stripe's kept score when the channel at position ``p`` is replaced by the channel at position
+``q`` is exactly::
 
-    D[p, q] = sum_r max(X[q, r], t[p, r]) - sum_r max(X[p, r], t[p, r])
+    D[p, q] = sum_r max(X[r, q], t[r, p]) - sum_r max(X[r, p], t[r, p])
 
 and swapping ``p`` and ``q`` (in different stripes) changes the kept score by ``D[p, q] + D[q,
-p]``: each stripe sees one replacement and the two stripes are disjoint. ``sum_r max(a_r, b_r)``
-for every pair of rows of two matrices is ``(sum a + sum b + ||a - b||_1) / 2``, which
-:func:`torch.cdist` computes without materialising the ``[P, Q, R]`` tensor.
+p]``: each stripe sees one replacement and the two stripes are disjoint. Every ``D`` entry of a
+window of ``K`` positions is one ``sum_r max(., .)`` over all pairs: :func:`pair_max_sums`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import torch
 __all__ = [
     "distinct_partitions",
     "evaluate_groups",
-    "kept_per_stripe",
     "pair_max_sums",
     "sorting_network",
     "stripe_thresholds",
@@ -36,35 +33,55 @@ __all__ = [
 
 
 def stripe_thresholds(xs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thresholds ``t[s, i, r]`` and kept scores ``k[s]`` of the stripes ``xs`` ``[stripes, m, R]``.
+    """Thresholds ``t[r, s, i]`` and kept scores ``k[s]`` of the stripes ``xs`` ``[R, stripes, m]``.
 
-    ``t[s, i, r]`` is the ``n``-th largest value of stripe ``s`` in row ``r`` without slot ``i``: if
+    ``t[r, s, i]`` is the ``n``-th largest value of stripe ``s`` in row ``r`` without slot ``i``: if
     slot ``i`` is among the top ``n`` of its row, removing it makes the ``(n+1)``-th largest value
     the ``n``-th; otherwise the ``n``-th stays. Ties give the same multiset either way, so the tie
     order of the sort does not matter. ``k[s]`` (float64) sums the top ``n`` of every row.
+
+    >>> t, k = stripe_thresholds(torch.tensor([[[4.0, 1.0, 3.0, 2.0]]]), 2)
+    >>> t.tolist(), k.tolist()
+    ([[[2.0, 3.0, 2.0, 3.0]]], [7.0])
     """
-    order = torch.sort(xs, dim=1, descending=True)
+    order = torch.sort(xs, dim=2, descending=True)
     values = order.values
     rank = torch.empty_like(order.indices)
-    ranks = torch.arange(xs.shape[1], device=xs.device).view(1, -1, 1).expand_as(rank)
-    rank.scatter_(1, order.indices, ranks)
-    nth = values[:, n - 1 : n, :]
-    next_ = values[:, n : n + 1, :]
-    kept = values[:, :n, :].sum(dim=1).double().sum(dim=1)
+    ranks = torch.arange(xs.shape[2], device=xs.device).expand_as(rank)
+    rank.scatter_(2, order.indices, ranks)
+    nth = values[:, :, n - 1 : n]
+    next_ = values[:, :, n : n + 1]
+    kept = values[:, :, :n].sum(dim=2).double().sum(dim=0)
     return torch.where(rank < n, next_, nth), kept
 
 
-def pair_max_sums(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = sum_r max(t[..., i, r], x[..., j, r])`` for batched ``[..., P, R]``, ``[..., Q, R]``."""
-    if t.shape[-2] * x.shape[-2] <= 64:
-        return torch.maximum(t.unsqueeze(-2), x.unsqueeze(-3)).sum(-1)
-    l1 = torch.cdist(t, x, p=1)
-    return 0.5 * (l1 + t.sum(-1).unsqueeze(-1) + x.sum(-1).unsqueeze(-2))
+def pair_max_sums(t: torch.Tensor, x: torch.Tensor, *, chunk_elems: int | None = None) -> torch.Tensor:
+    """``out[i, j] = sum_r max(t[r, i], x[r, j])`` in float64, for ``t [R, P]`` and ``x [R, Q]``.
 
+    Rows are processed in chunks whose ``[rows, P, Q]`` temporary stays cache-sized (about 4 MB on
+    CPU): one vectorised ``maximum`` into a reused buffer, a sum over the chunk's rows, and a
+    float64 accumulation, so float32 rounding cannot build up over thousands of rows. On CPU this
+    is about three times faster than the other exact formulation, ``(sum t + sum x +
+    cdist(t.T, x.T, p=1)) / 2``.
 
-def kept_per_stripe(xs: torch.Tensor, n: int) -> torch.Tensor:
-    """Kept score of each stripe of ``xs`` ``[stripes, m, R]`` in float64: sum over rows of the top ``n``."""
-    return torch.topk(xs.double(), n, dim=1).values.sum(dim=(1, 2))
+    >>> pair_max_sums(torch.tensor([[1.0], [5.0]]), torch.tensor([[2.0, 0.0], [3.0, 6.0]])).tolist()
+    [[7.0, 7.0]]
+    """
+    r, p = t.shape
+    q = x.shape[1]
+    if chunk_elems is None:
+        chunk_elems = 1 << 20 if t.device.type == "cpu" else 1 << 25
+    rows = max(1, min(r, chunk_elems // max(p * q, 1)))
+    acc = torch.zeros(p, q, dtype=torch.float64, device=t.device)
+    buf = torch.empty(rows, p, q, dtype=t.dtype, device=t.device)
+    part = torch.empty(p, q, dtype=t.dtype, device=t.device)
+    for start in range(0, r, rows):
+        stop = min(r, start + rows)
+        tmp = buf[: stop - start]
+        torch.maximum(t[start:stop].unsqueeze(2), x[start:stop].unsqueeze(1), out=tmp)
+        torch.sum(tmp, dim=0, out=part)
+        acc += part
+    return acc
 
 
 def distinct_partitions(m: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,20 +173,20 @@ def evaluate_groups(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best arrangement of each stripe group, by exhaustive enumeration of ``parts``.
 
-    ``v`` is ``[G, s*m, R]``: the columns of ``G`` groups of ``s`` stripes in their current order,
+    ``v`` is ``[G, R, s*m]``: the columns of ``G`` groups of ``s`` stripes in their current order,
     so partition 0 of :func:`distinct_partitions` is the current arrangement. The kept score of
     every ``m``-subset is computed once per group and each partition sums ``s`` of them. Returns
     float64 ``best [G]``, the partition index ``arg [G]`` reaching it and the current score
     ``now [G]``. Work is chunked over groups so that temporaries stay near ``chunk_elems``.
     """
-    g, _, r = v.shape
+    g, r, _ = v.shape
     n_sub, m = subsets.shape
     step = max(1, chunk_elems // max(n_sub * r, 1))
     sub = subsets.to(v.device)
     prt = parts.to(v.device)
     best_list, arg_list, now_list = [], [], []
     for start in range(0, g, step):
-        vt = v[start : start + step].transpose(1, 2)  # [g', R, s*m]
+        vt = v[start : start + step]  # [g', R, s*m]
         cols = [vt[..., sub[:, k]] for k in range(m)]  # m x [g', R, n_sub]
         kept = topn_sum(cols, n).double().sum(dim=1)  # [g', n_sub]
         scores = kept[:, prt].sum(-1)  # [g', n_parts]

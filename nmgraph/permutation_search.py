@@ -52,11 +52,11 @@ DEFAULT_WINDOW = 256  # channels per window: one gain table is rows * window^2 w
 DEFAULT_MAX_REGRESSIONS = 100  # escapes from a local optimum (greedy and exhaustive)
 RANDOM_TRIALS = 16  # permutations tried by method="random"
 ESCAPE_POOL = 16  # an escape picks one of this many least harmful swaps per window
-MAX_PARTITIONS = 6000  # largest stripe-group enumeration allowed (3 stripes of 4 = 5775)
+DEFAULT_PARTITIONS = 6000  # default stripe groups: 3 stripes of 4 (5775 arrangements), not 2 of 8
+MAX_PARTITIONS = 6435  # largest enumeration on request: 2 stripes of 8 (6435 arrangements)
 MAX_GROUPS = 4096  # stripe groups per window evaluated exhaustively (else sampled)
 GROUP_PATIENCE = 8  # sampled stripe-group rounds without improvement before stopping
-REFRESH_FRACTION = 0.25  # recompute whole gain tables when more positions than this changed
-ESCAPE_REVERT = False
+REFRESH_FRACTION = 0.5  # recompute whole gain tables when more positions than this changed
 GAIN_RTOL = 1e-5  # gains below this fraction of a slot's score are float32 noise, not progress
 SWEEP_RTOL = 1e-5  # a windowed sweep that improves the kept score by less than this has converged
 
@@ -180,60 +180,52 @@ class _Clock:
             self.bar.close()
 
 
-def _block_ranges(c: int, block: int) -> list[tuple[int, int]]:
-    return [(b, b + block) for b in range(0, c, block)]
-
-
 class _SwapState:
-    """A current arrangement ``x`` (position-major ``[C, R]``), its thresholds and gain tables.
+    """A current arrangement ``x [R, C]`` of the scores, its thresholds and gain tables.
 
-    Gain tables ``S[w, i, j] = sum_r max(x[cells[w, j], r], t[cells[w, i], r])`` exist for pairs of
+    ``S[w, i, j] = sum_r max(x[r, cells[w, j]], t[r, cells[w, i]])`` exists for the pairs of
     positions inside one window ``w``; windows partition the positions and never cross a block.
+    ``perm[p]`` is the original column now at position ``p``.
     """
 
     def __init__(self, x: torch.Tensor, n: int, m: int, block: int, window: int) -> None:
         self.x = x
-        self.c, self.r = x.shape
+        self.r, self.c = x.shape
         self.n, self.m = n, m
         self.ns = self.c // m
         self.block = block
-        self.window = window
         self.device = x.device
         self.perm = torch.arange(self.c, device=self.device)
         self.stripe = torch.arange(self.c, device=self.device) // m
-        thr, self.stripe_kept = kernels.stripe_thresholds(x.view(self.ns, m, self.r), n)
-        self.thr = thr.reshape(self.c, self.r)
+        thr, self.stripe_kept = kernels.stripe_thresholds(x.view(self.r, self.ns, m), n)
+        self.thr = thr.reshape(self.r, self.c)
         self.aligned = block % m == 0
-        units_per_block = block // m if self.aligned else block
-        unit = m if self.aligned else 1
-        self.n_windows_per_block = math.ceil(units_per_block * unit / window)
-        self.shuffled = self.n_windows_per_block > 1
+        self.windows_per_block = math.ceil(block / window)
+        self.shuffled = self.windows_per_block > 1
         self.cells = torch.empty(0, dtype=torch.long)
         self.pair_ok = torch.empty(0, dtype=torch.bool)
-        self.S = torch.empty(0)
+        self.S = torch.empty(0, dtype=torch.float64)
+        self.xw = self.tw = torch.empty(0)
         self.tabu: torch.Tensor | None = None
-        slot = self.x.detach().abs().mean().item() * self.r
-        self.tol = max(GAIN_RTOL * slot, 1e-30)
+        slot = float(x.double().mean()) * self.r
+        self.tol = max(GAIN_RTOL * abs(slot), 1e-30)
 
     # windows -------------------------------------------------------------------------------------
     def build_windows(self, gen: torch.Generator) -> None:
-        """Splits every block into windows of whole stripes (random stripes when a block has several)."""
+        """Splits every block into windows (of random whole stripes when a block has several)."""
         m = self.m
         cells: list[list[int]] = []
-        for lo, hi in _block_ranges(self.c, self.block):
+        for lo in range(0, self.c, self.block):
+            hi = lo + self.block
             if self.aligned:
                 units = [list(range(s * m, s * m + m)) for s in range(lo // m, hi // m)]
             else:
                 units = [[p] for p in range(lo, hi)]
             if self.shuffled:
-                order = torch.randperm(len(units), generator=gen).tolist()
-                units = [units[i] for i in order]
-            k = self.n_windows_per_block
-            per = math.ceil(len(units) / k)
-            for w in range(k):
-                chunk = units[w * per : (w + 1) * per]
-                if chunk:
-                    cells.append([p for u in chunk for p in u])
+                units = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
+            per = math.ceil(len(units) / self.windows_per_block)
+            for w in range(0, len(units), per):
+                cells.append([p for u in units[w : w + per] for p in u])
         width = max(len(cell) for cell in cells)
         valid = torch.zeros(len(cells), width, dtype=torch.bool)
         idx = torch.zeros(len(cells), width, dtype=torch.long)
@@ -242,180 +234,156 @@ class _SwapState:
             idx[w, len(cell) :] = cell[0]
             valid[w, : len(cell)] = True
         self.cells = idx.to(self.device)
-        self.tabu = None
         valid = valid.to(self.device)
+        self.tabu = None
         stripe = self.stripe[self.cells]
         upper = torch.ones(width, width, dtype=torch.bool, device=self.device).triu(1)
         self.pair_ok = (
             valid.unsqueeze(2) & valid.unsqueeze(1) & (stripe.unsqueeze(2) != stripe.unsqueeze(1)) & upper
         )
         flat = self.cells[valid]
-        self.cell_of = torch.empty(self.c, dtype=torch.long, device=self.device)
-        self.idx_of = torch.empty(self.c, dtype=torch.long, device=self.device)
         w_ids = torch.arange(len(cells), device=self.device).unsqueeze(1).expand_as(self.cells)
         i_ids = torch.arange(width, device=self.device).unsqueeze(0).expand_as(self.cells)
+        self.cell_of = torch.empty(self.c, dtype=torch.long, device=self.device)
+        self.idx_of = torch.empty(self.c, dtype=torch.long, device=self.device)
         self.cell_of[flat] = w_ids[valid]
         self.idx_of[flat] = i_ids[valid]
         self.refresh()
 
     def refresh(self) -> None:
-        self.S = kernels.pair_max_sums(self.thr[self.cells], self.x[self.cells])
+        """Lays the scores and thresholds out per window and recomputes every gain table."""
+        k = self.cells.shape[1]
+        self.xw = self.x[:, self.cells.flatten()].view(self.r, -1, k).permute(1, 0, 2).contiguous()
+        self.tw = self.thr[:, self.cells.flatten()].view(self.r, -1, k).permute(1, 0, 2).contiguous()
+        self.S = torch.empty(len(self.cells), k, k, dtype=torch.float64, device=self.device)
+        for w in range(len(self.cells)):
+            self.S[w] = kernels.pair_max_sums(self.tw[w], self.xw[w])
 
     # gains ---------------------------------------------------------------------------------------
     def gains(self) -> torch.Tensor:
-        """``G[w, i, j]``: exact kept-score change of swapping positions ``cells[w, i]`` and ``cells[w, j]``."""
+        """``G[w, i, j]``: exact kept-score change of swapping positions ``cells[w, i]``, ``cells[w, j]``.
+
+        ``-inf`` where the swap is not allowed (same stripe, padding, tabu, or ``i >= j``).
+        """
         d = self.S.diagonal(dim1=1, dim2=2)
         delta = self.S - d.unsqueeze(2)
         g = delta + delta.transpose(1, 2)
         ok = self.pair_ok if self.tabu is None else self.pair_ok & ~self.tabu
-        return g.masked_fill(~ok, -math.inf)
+        return g.masked_fill_(~ok, -math.inf)
+
+    def positive(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The swaps of ``g`` that gain more than the rounding tolerance: ``(gain, p, q)``."""
+        w, i, j = (g > self.tol).nonzero(as_tuple=True)
+        return g[w, i, j], self.cells[w, i], self.cells[w, j]
+
+    def disjoint(self, gain: torch.Tensor, p: torch.Tensor, q: torch.Tensor):
+        """The greedy matching of swaps ``(p, q)``: best first, no stripe used twice."""
+        keep = _select_disjoint(gain, torch.stack([self.stripe[p], self.stripe[q]], dim=1), self.ns)
+        return p[keep], q[keep]
 
     def forbid(self, p: torch.Tensor, q: torch.Tensor) -> None:
-        """Makes swaps between the stripes of ``p[k]`` and ``q[k]`` tabu until :meth:`allow_all`."""
-        stripe = self.stripe[self.cells]  # [W, K]
+        """Makes swaps between the stripes of ``p[k]`` and ``q[k]`` tabu until the next local optimum."""
+        stripe = self.stripe[self.cells]
         si, sj = stripe.unsqueeze(2), stripe.unsqueeze(1)
         tabu = torch.zeros_like(self.pair_ok) if self.tabu is None else self.tabu
         for a, b in zip(self.stripe[p].tolist(), self.stripe[q].tolist()):
             tabu |= ((si == a) & (sj == b)) | ((si == b) & (sj == a))
         self.tabu = tabu
 
-    def allow_all(self) -> None:
-        self.tabu = None
-
-    def candidates(self, g: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
-        w, i, j = (g > threshold).nonzero(as_tuple=True)
-        p, q = self.cells[w, i], self.cells[w, j]
-        return g[w, i, j], p, q
-
-    def select(self, gain: torch.Tensor, p: torch.Tensor, q: torch.Tensor, max_iters: int = 64):
-        """Swaps with pairwise disjoint stripes, best first (the greedy matching, vectorised)."""
-        e = gain.numel()
-        if e == 0:
-            return p, q
-        sa, sb = self.stripe[p], self.stripe[q]
-        order = torch.sort(gain, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(e, device=self.device)
-        alive = torch.ones(e, dtype=torch.bool, device=self.device)
-        taken = torch.zeros(e, dtype=torch.bool, device=self.device)
-        for _ in range(max_iters):
-            r = torch.where(alive, rank, torch.full_like(rank, e))
-            best = torch.full((self.ns,), e, dtype=rank.dtype, device=self.device)
-            best.scatter_reduce_(0, sa, r, "amin")
-            best.scatter_reduce_(0, sb, r, "amin")
-            win = alive & (best[sa] == rank) & (best[sb] == rank)
-            taken |= win
-            used = torch.zeros(self.ns, dtype=torch.bool, device=self.device)
-            used[sa[win]] = True
-            used[sb[win]] = True
-            alive &= ~(used[sa] | used[sb])
-            if not bool(alive.any()):
-                break
-        return p[taken], q[taken]
-
     # moves ---------------------------------------------------------------------------------------
     def apply(self, p: torch.Tensor, q: torch.Tensor) -> None:
-        """Swaps positions ``p[k] <-> q[k]`` (disjoint stripes) and updates thresholds and tables."""
+        """Swaps positions ``p[k] <-> q[k]`` (pairwise disjoint stripes); updates what they touch.
+
+        Thresholds change only in the two stripes of a swap, so only the table rows of those
+        stripes' positions and the table columns of the two moved positions are recomputed.
+        """
         if p.numel() == 0:
             return
-        self.x[torch.cat([p, q])] = self.x[torch.cat([q, p])]
-        self.perm[torch.cat([p, q])] = self.perm[torch.cat([q, p])]
-        stripes = torch.unique(torch.cat([self.stripe[p], self.stripe[q]]))
+        moved, source = torch.cat([p, q]), torch.cat([q, p])
+        self.x[:, moved] = self.x[:, source]
+        self.perm[moved] = self.perm[source]
+        stripes = torch.unique(self.stripe[moved])
         pos = (stripes.unsqueeze(1) * self.m + torch.arange(self.m, device=self.device)).flatten()
-        xs = self.x.view(self.ns, self.m, self.r)[stripes]
-        thr, kept = kernels.stripe_thresholds(xs, self.n)
-        self.thr[pos] = thr.reshape(-1, self.r)
+        thr, kept = kernels.stripe_thresholds(self.x[:, pos].view(self.r, -1, self.m), self.n)
+        self.thr[:, pos] = thr.reshape(self.r, -1)
         self.stripe_kept[stripes] = kept
         if pos.numel() > REFRESH_FRACTION * self.c:
             self.refresh()
             return
-        moved = torch.cat([p, q])
-        for w in torch.unique(torch.cat([self.cell_of[pos], self.cell_of[moved]])).tolist():
-            cell = self.cells[w]
+        for w in torch.unique(self.cell_of[pos]).tolist():
             rows = pos[self.cell_of[pos] == w]
-            if rows.numel():
-                self.S[w, self.idx_of[rows], :] = kernels.pair_max_sums(self.thr[rows], self.x[cell])
             cols = moved[self.cell_of[moved] == w]
+            xw, tw = self.xw[w], self.tw[w]
+            xw[:, self.idx_of[cols]] = self.x[:, cols]
+            tw[:, self.idx_of[rows]] = self.thr[:, rows]
+            self.S[w, self.idx_of[rows], :] = kernels.pair_max_sums(self.thr[:, rows], xw)
             if cols.numel():
-                self.S[w, :, self.idx_of[cols]] = kernels.pair_max_sums(self.thr[cell], self.x[cols])
+                self.S[w, :, self.idx_of[cols]] = kernels.pair_max_sums(tw, self.x[:, cols])
 
     def kept(self) -> float:
         return float(self.stripe_kept.sum())
 
 
 def _greedy(
-    state: _SwapState,
-    gen: torch.Generator,
-    clock: _Clock,
-    max_regressions: int,
+    state: _SwapState, gen: torch.Generator, clock: _Clock, max_regressions: int
 ) -> tuple[torch.Tensor, float, int, int, int]:
-    """Greedy swaps with bounded regressions; returns ``(best perm, best kept, swaps, regressions, sweeps)``."""
+    """Greedy swaps with bounded regressions: ``(best perm, its kept score, swaps, regressions, sweeps)``.
+
+    A *sweep* runs greedy rounds until no swap inside the current windows gains. With several
+    windows per block, new random windows follow while a sweep still improves by more than
+    ``SWEEP_RTOL``. At a local optimum, an escape (at most ``max_regressions`` of them) applies in
+    every window one random swap among the ``ESCAPE_POOL`` least harmful ones and forbids undoing
+    it until the next local optimum; the search then walks on from there, remembering the best.
+    """
     best_perm = state.perm.clone()
     best_kept = state.kept()
     swaps = regressions = sweeps = 0
     state.build_windows(gen)
+    if not bool(state.pair_ok.any()):
+        log.debug("no two stripes share a block of %d channels: nothing to swap", state.block)
+        return best_perm, best_kept, 0, 0, 0
     sweep_start = best_kept
     while not clock.expired():
         g = state.gains()
-        gain, p, q = state.candidates(g, state.tol)
+        gain, p, q = state.positive(g)
         if gain.numel():
-            p, q = state.select(gain, p, q)
+            p, q = state.disjoint(gain, p, q)
             state.apply(p, q)
             swaps += p.numel()
             clock.tick()
             continue
-        # Local optimum for these windows.
-        state.allow_all()
         kept = state.kept()
         if kept > best_kept:
             best_kept, best_perm = kept, state.perm.clone()
-        clock.tick(best_kept)
         sweeps += 1
-        if state.shuffled and best_kept - sweep_start > SWEEP_RTOL * abs(sweep_start):
-            sweep_start = best_kept
+        clock.tick(best_kept)
+        log.debug("sweep %d: kept %.9g after %d swaps, %.2fs", sweeps, best_kept, swaps, clock.elapsed())
+        if state.shuffled and kept - sweep_start > SWEEP_RTOL * abs(sweep_start):
+            sweep_start = kept
             state.build_windows(gen)
             continue
         if regressions >= max_regressions:
             break
-        # Escape: from the best arrangement so far, one least-harmful random swap per window.
-        if ESCAPE_REVERT and not torch.equal(state.perm, best_perm):
-            _reset(state, best_perm, gen)
-            g = state.gains()
         regressions += 1
-        sweep_start = best_kept
-        pool = min(ESCAPE_POOL, g.shape[1] * g.shape[2])
+        state.tabu = None
+        g = state.gains()
+        pool = min(ESCAPE_POOL, int(state.pair_ok[0].sum()))
         top = g.flatten(1).topk(pool, dim=1)
-        pick = torch.randint(pool, (g.shape[0],), generator=gen).to(state.device)
-        flat = top.indices.gather(1, pick.unsqueeze(1)).squeeze(1)
-        ok = torch.isfinite(top.values.gather(1, pick.unsqueeze(1)).squeeze(1))
-        w = torch.arange(g.shape[0], device=state.device)[ok]
-        flat = flat[ok]
-        if w.numel() == 0:
-            break
-        width = g.shape[2]
-        p, q = state.cells[w, flat // width], state.cells[w, flat % width]
-        p, q = state.select(g[w, flat // width, flat % width], p, q)
+        pick = torch.randint(pool, (g.shape[0], 1), generator=gen).to(state.device)
+        flat = top.indices.gather(1, pick).squeeze(1)
+        ok = torch.isfinite(top.values.gather(1, pick).squeeze(1))
+        w, flat = torch.nonzero(ok).flatten(), flat[ok]
+        i, j = flat // g.shape[2], flat % g.shape[2]
+        p, q = state.disjoint(g[w, i, j], state.cells[w, i], state.cells[w, j])
         state.apply(p, q)
-        state.forbid(p, q)
         if state.shuffled:
             state.build_windows(gen)
+        state.forbid(p, q)
+        sweep_start = state.kept()
     kept = state.kept()
     if kept > best_kept:
         best_kept, best_perm = kept, state.perm.clone()
     return best_perm, best_kept, swaps, regressions, sweeps
-
-
-def _reset(state: _SwapState, perm: torch.Tensor, gen: torch.Generator) -> None:
-    """Puts ``state`` back to arrangement ``perm`` (positions of the original matrix)."""
-    inv = torch.empty_like(state.perm)
-    inv[state.perm] = torch.arange(state.c, device=state.device)
-    original = state.x[inv]
-    state.x.copy_(original[perm])
-    state.perm.copy_(perm)
-    thr, state.stripe_kept = kernels.stripe_thresholds(state.x.view(state.ns, state.m, state.r), state.n)
-    state.thr = thr.reshape(state.c, state.r)
-    state.refresh()
-    del gen
 
 
 def search_permutation(
@@ -479,15 +447,18 @@ def search_permutation(
         elif method == "random":
             perm, kept = _random_search(scores, p, block, gen, clock)
         else:
-            x = scores.t().contiguous().float()
-            state = _SwapState(x, p.n, p.m, block, window)
+            state = _SwapState(scores.float().contiguous().clone(), p.n, p.m, block, window)
             perm, kept, swaps, regressions, sweeps = _greedy(state, gen, clock, max_regressions)
             info["sweeps"] = sweeps
             if method == "exhaustive":
-                perm, kept, moves = _refine_stripe_groups(
+                perm, kept, moves, reason = _refine_stripe_groups(
                     scores, p, block, perm, kept, stripe_group_size, window, gen, clock
                 )
                 swaps += moves
+                info["stripe_group_moves"] = moves
+                if reason:
+                    info["skipped"] = reason
+                    log.info("exhaustive stripe-group search skipped: %s", reason)
         kept_check = kept_score(scores[:, perm], p)
         if kept_check < kept_identity:
             # Float32 gain tables can only err by rounding; the identity is the safe answer.
@@ -532,18 +503,17 @@ def _random_search(
     return best, best_kept
 
 
-def _group_size(p: Pattern, stripe_group_size: int | None) -> int | None:
-    """The stripe-group size to use, or ``None`` (with a logged reason) when no size is affordable."""
+def _group_size(p: Pattern, stripe_group_size: int | None) -> tuple[int | None, str]:
+    """The stripe-group size to use, or ``(None, reason)`` when no size is affordable by default."""
     if stripe_group_size is None:
         for size in (3, 2):
-            if _n_partitions(p.m, size) <= MAX_PARTITIONS:
-                return size
-        log.info(
-            "pattern %s: even 2 stripes of %d channels have %d arrangements (limit %d); "
-            "exhaustive search keeps the greedy result",
-            p, p.m, _n_partitions(p.m, 2), MAX_PARTITIONS,
+            if _n_partitions(p.m, size) <= DEFAULT_PARTITIONS:
+                return size, ""
+        return None, (
+            f"pattern {p}: 2 stripes of {p.m} channels have {_n_partitions(p.m, 2)} arrangements, above "
+            f"the default limit {DEFAULT_PARTITIONS}; the greedy result is kept (pass "
+            "stripe_group_size=2 to search them anyway when M=8)"
         )
-        return None
     if isinstance(stripe_group_size, bool) or not isinstance(stripe_group_size, int) or stripe_group_size < 2:
         raise PlanError(f"stripe_group_size must be an int >= 2 (or None), got {stripe_group_size!r}.")
     count = _n_partitions(p.m, stripe_group_size)
@@ -552,7 +522,7 @@ def _group_size(p: Pattern, stripe_group_size: int | None) -> int | None:
             f"stripe_group_size={stripe_group_size} with pattern {p} means {count} arrangements per "
             f"group (limit {MAX_PARTITIONS}); use stripe_group_size=2 or leave it None."
         )
-    return stripe_group_size
+    return stripe_group_size, ""
 
 
 def _n_partitions(m: int, s: int) -> int:
@@ -599,7 +569,7 @@ def _refine_stripe_groups(
     window: int,
     gen: torch.Generator,
     clock: _Clock,
-) -> tuple[torch.Tensor, float, int]:
+) -> tuple[torch.Tensor, float, int, str]:
     """Re-splits groups of ``s`` stripes in their best distinct arrangement until none improves.
 
     Stripes are grouped inside windows of whole stripes within one block (a stripe that straddles
@@ -607,14 +577,16 @@ def _refine_stripe_groups(
     all and re-evaluates only the groups whose stripes changed; larger ones draw random disjoint
     groups each round and stop after ``GROUP_PATIENCE`` rounds without improvement.
     """
-    s = _group_size(p, stripe_group_size)
-    if s is None:
-        return perm, kept, 0
     m, n = p.m, p.n
     c, r = scores.shape[1], scores.shape[0]
     ns = c // m
+    s, reason = _group_size(p, stripe_group_size)
+    if s is None:
+        return perm, kept, 0, reason
+    if stripe_group_size is None:
+        s = min(s, max(2, min(block, window) // m))
     dev = scores.device
-    x = scores[:, perm].t().contiguous().float()
+    x = scores[:, perm].float().contiguous()
     perm = perm.clone()
     subsets, parts = kernels.distinct_partitions(m, s)
     subsets, parts = subsets.to(dev), parts.to(dev)
@@ -623,28 +595,37 @@ def _refine_stripe_groups(
     per_block: dict[int, list[int]] = {}
     for t in torch.nonzero(inside).flatten().tolist():
         per_block.setdefault(t * m // block, []).append(t)
-    skipped = ns - int(inside.sum())
-    if skipped:
-        log.debug("%d stripes straddle blocks of %d channels; stripe groups leave them alone", skipped, block)
+    straddling = ns - int(inside.sum())
+    if straddling:
+        log.debug("%d stripes straddle blocks of %d channels; stripe groups leave them alone", straddling, block)
     per_window = max(s, window // m)
     shuffled = any(len(v) > per_window for v in per_block.values())
     offsets = torch.arange(m, device=dev)
     moves = 0
-    tol = max(1e-7 * abs(kept), 1e-30)
-    stripe_kept = kernels.stripe_thresholds(x.view(ns, m, r), n)[1]
+    tol = max(1e-6 * abs(kept) / ns, 1e-30)
+    stripe_kept = kernels.stripe_thresholds(x.view(r, ns, m), n)[1]
+    step = max(1, (1 << 24) // (r * s * m))
+
+    def positions(groups: torch.Tensor) -> torch.Tensor:
+        return (groups.unsqueeze(2) * m + offsets).reshape(groups.shape[0], s * m)
 
     def evaluate(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v = x.view(ns, m, r)[groups].reshape(groups.shape[0], s * m, r)
-        best, arg, now = kernels.evaluate_groups(v, n, subsets, parts)
-        return best - now, arg
+        gains, args = [], []
+        for chunk in groups.split(step):
+            v = x[:, positions(chunk).flatten()].view(r, chunk.shape[0], s * m).transpose(0, 1)
+            best, arg, now = kernels.evaluate_groups(v, n, subsets, parts)
+            gains.append(best - now)
+            args.append(arg)
+        if not gains:
+            return torch.zeros(0, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        return torch.cat(gains), torch.cat(args)
 
     def apply(groups: torch.Tensor, arg: torch.Tensor) -> None:
-        pos = (groups.unsqueeze(2) * m + offsets).reshape(groups.shape[0], s * m)
-        order = subsets[parts[arg]].reshape(groups.shape[0], s * m)
-        src = pos.gather(1, order)
-        x[pos.flatten()] = x[src.flatten()]
+        pos = positions(groups)
+        src = pos.gather(1, subsets[parts[arg]].reshape(groups.shape[0], s * m))
+        x[:, pos.flatten()] = x[:, src.flatten()]
         perm[pos.flatten()] = perm[src.flatten()]
-        stripe_kept[groups.flatten()] = kernels.stripe_thresholds(x.view(ns, m, r)[groups.flatten()], n)[1]
+        stripe_kept[groups.flatten()] = kernels.stripe_thresholds(x[:, pos.flatten()].view(r, -1, m), n)[1]
 
     sweep_start = float(stripe_kept.sum())
     while not clock.expired():
@@ -656,6 +637,8 @@ def _refine_stripe_groups(
                 chunk = ordered[w : w + per_window]
                 if len(chunk) >= s:
                     windows.append(torch.tensor(chunk, device=dev))
+        if not windows:
+            return perm, kept, moves, f"no block of {block} channels holds {s} whole stripes of {m}"
         exhaustive = all(math.comb(len(w), s) <= MAX_GROUPS for w in windows)
         if exhaustive:
             groups = torch.cat([torch.combinations(w, r=s) for w in windows])
@@ -691,4 +674,4 @@ def _refine_stripe_groups(
             break
         sweep_start = now
     final = kept_score(scores[:, perm], p)
-    return perm, final, moves
+    return perm, final, moves, ""
