@@ -24,6 +24,7 @@ when this module is imported is the only import-time work here and is cheap.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from nmgraph.errors import ShapeError
 from nmgraph.pattern import MAX_M, Pattern, group_view, nm_mask, ungroup_view
 
-__all__ = ["MASK_OP", "MaskState", "masked_weight", "nm_mask_fast"]
+__all__ = ["MASK_OP", "PAIRWISE_MAX_M", "MaskState", "masked_weight", "nm_mask_fast"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,39 @@ MASK_OP = torch.ops.nmgraph.masked_weight.default
 """The ``OpOverload`` that identifies mask nodes in a graph."""
 
 
+PAIRWISE_MAX_M = 16
+"""Largest ``M`` for which :func:`nm_mask_fast` ranks by pairwise comparisons (``M(M-1)/2`` of them)."""
+
+
+def _pairwise_keep(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep mask of ``groups [..., m]``: rank of each entry by pairwise comparison, keep rank < n.
+
+    For ``i < j``, ``j`` outranks ``i`` when ``s_j >= s_i`` (ties go to the higher index), else
+    ``i`` outranks ``j``. With no NaN this is a strict total order, so the ranks in a group are
+    ``0..m-1`` and exactly ``n`` entries are kept: the same entries as the stable sort of
+    :func:`nmgraph.nm_mask`.
+    """
+    m = groups.shape[-1]
+    cols = groups.unbind(-1)
+    ranks = [torch.zeros(groups.shape[:-1], dtype=torch.uint8, device=groups.device) for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1, m):
+            ge = cols[j] >= cols[i]
+            ranks[i] += ge
+            ranks[j] += ~ge
+    return torch.stack([r < n for r in ranks], dim=-1)
+
+
+def _key_keep(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep mask by ``topk`` on distinct integer keys (float32 bits, order-preserving, + index)."""
+    m = groups.shape[-1]
+    bits = groups.float().contiguous().view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    keys = bits * m + torch.arange(m, device=bits.device)
+    idx = keys.topk(n, dim=-1, sorted=False).indices
+    return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, idx, True)
+
+
 def nm_mask_fast(
     weight: torch.Tensor,
     pattern: Pattern | str | tuple[int, int],
@@ -123,14 +157,13 @@ def nm_mask_fast(
     *,
     axis: int = 1,
 ) -> torch.Tensor:
-    """Same mask as :func:`nmgraph.nm_mask` (same tie rule), computed with ``topk`` on integer keys.
+    """Same mask as :func:`nmgraph.nm_mask` (same tie rule), without a sort: used every training step.
 
-    The score's float32 bit pattern is mapped to an order-preserving integer and combined with the
-    in-group index, so every key in a group is distinct and ties keep the higher index, exactly as
-    :func:`nmgraph.nm_mask`'s stable sort does. Used on every training step; several times faster
-    than a sort on CPU. float64 scores fall back to :func:`nmgraph.nm_mask`. Unlike
-    :func:`nmgraph.nm_mask` it does not check for NaN (that would synchronise a GPU every step);
-    a NaN score still yields an exact N:M mask.
+    For ``M <= 16`` entries are ranked by pairwise comparisons inside each group (elementwise ops
+    only); for larger ``M`` by ``topk`` on integer keys built from the float32 bits and the in-group
+    index. Several times faster than a sort on CPU. Unlike :func:`nmgraph.nm_mask` it does not raise
+    on NaN (that check would synchronise a GPU every step): NaN scores rank lowest, so the mask is
+    still exactly N:M. float64 scores use :func:`nmgraph.nm_mask`.
 
     >>> w = torch.tensor([[1.0, -4.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
     >>> torch.equal(nm_mask_fast(w, "2:4"), nm_mask(w, "2:4"))
@@ -145,13 +178,11 @@ def nm_mask_fast(
         )
     if s.dtype == torch.float64:
         return nm_mask(weight, p, s, axis=axis)
-    s = s.float() + 0.0  # -0.0 -> +0.0, so that both zeros are one key as in nm_mask
+    s = torch.nan_to_num(s, nan=-math.inf)
+    if p.m > PAIRWISE_MAX_M:
+        s = s + 0.0  # -0.0 -> +0.0: both zeros become one key, as in nm_mask
     groups = group_view(s, p.m, axis)
-    bits = groups.contiguous().view(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    keys = bits * p.m + torch.arange(p.m, device=bits.device)
-    idx = keys.argmax(dim=-1, keepdim=True) if p.n == 1 else keys.topk(p.n, dim=-1, sorted=False).indices
-    keep = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, idx, True)
+    keep = _pairwise_keep(groups, p.n) if p.m <= PAIRWISE_MAX_M else _key_keep(groups, p.n)
     return ungroup_view(keep, weight.shape, axis).contiguous()
 
 

@@ -112,11 +112,12 @@ def test_bad_mask_raises_shape_error_with_fix():
         MASK_OP(w, e, e, torch.ones(2), None, 0.0, False)
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:8", "1:8", "1:16", "5:16"])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:8", "1:8", "1:16", "5:16", "1:32", "5:64"])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_nm_mask_fast_equals_nm_mask(pattern, axis):
-    g = torch.Generator().manual_seed(hash((pattern, axis)) % 1000)
-    shape = (32, 48) if axis == 1 else (48, 32)
+    # M <= 16 ranks by pairwise comparison, larger M by topk on integer keys
+    g = torch.Generator().manual_seed(sum(map(ord, pattern)) + axis)
+    shape = (16, 128) if axis == 1 else (128, 16)
     w = torch.randn(shape, generator=g)
     assert torch.equal(nm_mask_fast(w, pattern, axis=axis), nmgraph.nm_mask(w, pattern, axis=axis))
     ties = torch.randint(-2, 3, shape, generator=g).float()  # many equal magnitudes
@@ -125,6 +126,18 @@ def test_nm_mask_fast_equals_nm_mask(pattern, axis):
     score[0, :4] = -0.0
     score[1, :4] = 0.0
     assert torch.equal(nm_mask_fast(w, pattern, score, axis=axis), nmgraph.nm_mask(w, pattern, score, axis=axis))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "3:8", "2:32"])
+def test_nm_mask_fast_is_exact_nm_with_nan_and_inf(pattern):
+    p = Pattern.parse(pattern)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = w[1, 5] = w[2, 1] = float("nan")
+    w[3, 2] = float("inf")
+    w[4, :p.m] = float("nan")  # a group of only NaN
+    keep = nm_mask_fast(w, p)
+    assert bool((keep.view(8, -1, p.m).sum(-1) == p.n).all())
+    assert not keep[0, 0] and not keep[1, 5] and not keep[2, 1] and keep[3, 2]
 
 
 def test_nm_mask_fast_conv_bf16_and_float64():
