@@ -196,26 +196,32 @@ def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedMod
 
 
 def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
+    """A saved directory: rebuilt from its recorded source (a real module: fp16 and new shapes
+    work), else from its torch.export program."""
     from nmgraph import serialize
 
     saved = serialize.read_saved(path)
     source = saved.metadata.get("source") or {}
     inputs = serialize.read_example_inputs(path)
-    if saved.has_program:
+    model = None
+    if source.get("kind") in ("factory", "hf-config"):
+        try:
+            built = (_factory_model(source["spec"]) if source["kind"] == "factory"
+                     else _rebuild_hf(source, batch=batch, seq=seq))
+        except CLIError as e:
+            if not saved.has_program:
+                raise
+            log.info("cannot rebuild %s from its source (%s); using its saved program", path, e)
+        else:
+            model = serialize.load(path, built.model)
+            inputs = inputs or (built.args, built.kwargs)
+    if model is None:
+        if not saved.has_program:
+            raise CLIError(
+                f"{str(path)!r} has no saved program and no recorded model source; load it in Python "
+                "with nmgraph.serialize.load(path, model)"
+            )
         model = serialize.load(path)
-    elif source.get("kind") == "factory":
-        built = _factory_model(source["spec"])
-        model = serialize.load(path, built.model)
-        inputs = inputs or (built.args, built.kwargs)
-    elif source.get("kind") == "hf-config":
-        built = _rebuild_hf(source, batch=batch, seq=seq)
-        model = serialize.load(path, built.model)
-        inputs = inputs or (built.args, built.kwargs)
-    else:
-        raise CLIError(
-            f"{str(path)!r} has no saved program and no recorded model source; load it in Python with "
-            "nmgraph.serialize.load(path, model)"
-        )
     if inputs is None:
         raise CLIError(f"{str(path)!r} has no saved example inputs; re-save with example_inputs=")
     args, kwargs = inputs

@@ -552,11 +552,15 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     except Exception as e:
         failures.append(f"torch.onnx.export(dynamo=False): {type(e).__name__}: {_first_line(e)}")
         log.debug("TorchScript ONNX export failed", exc_info=True)
-        hint = ("the graph was captured for other input shapes: pass the example inputs it was "
-                "captured with, or export the original model (convert changes its weights in place)"
-                if any("Guard failed" in f for f in failures) else
-                "pass example inputs exactly as the model is called, use_cache=False for HF "
-                "decoders, or a newer opset (opset=...)")
+        if any("Guard failed" in f for f in failures):
+            hint = ("the graph was captured for other input shapes: pass the example inputs it was "
+                    "captured with, or export the original model (convert changes its weights in place)")
+        elif any("dtype mismatch" in f for f in failures):
+            hint = ("the graph was captured in another dtype (a torch.export graph fixes its dtypes): "
+                    "export the original model with fp16=True, or export without fp16")
+        else:
+            hint = ("pass example inputs exactly as the model is called, use_cache=False for HF "
+                    "decoders, or a newer opset (opset=...)")
         raise CaptureError(
             f"ONNX export of {type(module).__name__} failed:\n"
             + "\n".join(f"  - {f}" for f in failures)
