@@ -38,6 +38,7 @@ from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
     PlanError,
+    SerializationError,
     StrictModeError,
     UnsupportedError,
     VerificationError,
@@ -148,8 +149,9 @@ class ExportReport:
             f"{len(self.lost)} lost, {len(self.check.dense)} dense",
         ]
         lines.extend(f"  LOST {s.name}: {s.reason}" for s in self.lost)
+        violated = {s.name for s in self.plan_violations}
         lines.extend(f"  dense in model: {s.name}: {s.reason}" for s in self.model_dense
-                     if s not in self.plan_violations)
+                     if s.name not in violated)
         return "\n".join(lines)
 
 
@@ -256,7 +258,9 @@ def export(
     path = Path(path)
     onnx_path = path.with_suffix(".onnx") if format == "tensorrt" else path
     if onnx_path.parent and not onnx_path.parent.exists():
-        raise UnsupportedError(f"Output directory {str(onnx_path.parent)!r} does not exist; create it first.")
+        raise SerializationError(
+            f"Output directory {str(onnx_path.parent)!r} does not exist; create it first."
+        )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
     seconds: dict[str, float] = {}
@@ -325,7 +329,6 @@ def export(
     expected = {name for name, ok in nm.items() if ok}
     check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
     seconds["check"] = time.perf_counter() - t0
-    engine = None
     report = ExportReport(
         path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
         dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,

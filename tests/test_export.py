@@ -198,7 +198,7 @@ def test_bad_arguments(tmp_path):
     model, args = _mlp()
     with pytest.raises(UnsupportedError, match="format='coreml'"):
         export(model, tmp_path / "m.x", args, format="coreml")
-    with pytest.raises(UnsupportedError, match="does not exist"):
+    with pytest.raises(nmgraph.SerializationError, match="does not exist"):
         export(model, tmp_path / "missing" / "m.onnx", args)
     with pytest.raises(UnsupportedError, match=r"needs a torch\.nn\.Module"):
         export(lambda x: x, tmp_path / "m.onnx", args)
