@@ -118,10 +118,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small table, under a minute")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats per case (median)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads for the run (default 1, see docs)"
+    )
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     print(
         f"# nmgraph permutation search | torch {torch.__version__} | {platform.processor() or platform.machine()} "

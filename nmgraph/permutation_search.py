@@ -188,8 +188,11 @@ class _SwapState:
     ``perm[p]`` is the original column now at position ``p``.
     """
 
-    def __init__(self, x: torch.Tensor, n: int, m: int, block: int, window: int) -> None:
+    def __init__(
+        self, x: torch.Tensor, n: int, m: int, block: int, window: int, clock: _Clock | None = None
+    ) -> None:
         self.x = x
+        self.clock = clock
         self.r, self.c = x.shape
         self.n, self.m = n, m
         self.ns = self.c // m
@@ -255,8 +258,10 @@ class _SwapState:
         k = self.cells.shape[1]
         self.xw = self.x[:, self.cells.flatten()].view(self.r, -1, k).permute(1, 0, 2).contiguous()
         self.tw = self.thr[:, self.cells.flatten()].view(self.r, -1, k).permute(1, 0, 2).contiguous()
-        self.S = torch.empty(len(self.cells), k, k, dtype=torch.float64, device=self.device)
+        self.S = torch.zeros(len(self.cells), k, k, dtype=torch.float64, device=self.device)
         for w in range(len(self.cells)):
+            if self.clock is not None and self.clock.expired():
+                return  # the caller stops at its next deadline check and never reads this table
             self.S[w] = kernels.pair_max_sums(self.tw[w], self.xw[w])
 
     # gains ---------------------------------------------------------------------------------------
@@ -367,7 +372,7 @@ def _greedy(
         regressions += 1
         state.tabu = None
         g = state.gains()
-        pool = min(ESCAPE_POOL, int(state.pair_ok[0].sum()))
+        pool = min(ESCAPE_POOL, int(state.pair_ok.flatten(1).sum(1).max()))
         top = g.flatten(1).topk(pool, dim=1)
         pick = torch.randint(pool, (g.shape[0], 1), generator=gen).to(state.device)
         flat = top.indices.gather(1, pick).squeeze(1)
@@ -376,8 +381,6 @@ def _greedy(
         i, j = flat // g.shape[2], flat % g.shape[2]
         p, q = state.disjoint(g[w, i, j], state.cells[w, i], state.cells[w, j])
         state.apply(p, q)
-        if state.shuffled:
-            state.build_windows(gen)
         state.forbid(p, q)
         sweep_start = state.kept()
     kept = state.kept()
@@ -399,12 +402,24 @@ def search_permutation(
     stripe_group_size: int | None = None,
     window: int = DEFAULT_WINDOW,
     device: torch.device | str | None = None,
+    threads: int | None = None,
 ) -> SearchResult:
     """Finds a column permutation of ``matrix`` that keeps more score under N:M pruning.
 
     ``matrix`` is a score matrix ``[rows, C]`` (``|w|`` or a saliency; columns are channels).
     The result's ``perm`` keeps every run of ``block`` channels in place as a set
     (``perm // block == arange(C) // block``) and never keeps less than the identity.
+
+    ``method``: ``"none"``, ``"random"``, ``"greedy"`` or ``"exhaustive"`` (module docstring).
+    ``seed`` fixes every random choice; ``time_limit`` (seconds) returns the best permutation found
+    so far; ``progress`` shows a tqdm bar when tqdm is installed. ``max_regressions`` bounds the
+    escapes from local optima, ``stripe_group_size`` the stripes re-split together by
+    ``"exhaustive"`` (default: 3 when every triple of a window can be enumerated, else 2),
+    ``window`` the channels whose pairwise swaps one gain table holds (cost per sweep is about
+    ``rows * C * window``). ``device`` runs the search there (default: the matrix's device).
+    ``threads``: intra-op CPU threads for the duration of the search (torch's setting is restored
+    afterwards); the search is a long sequence of mid-sized tensor ops, for which one thread is
+    usually fastest on a small or busy CPU. ``None`` leaves torch's setting alone.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> w = torch.randn(64, 64, generator=g).abs()
@@ -429,11 +444,18 @@ def search_permutation(
         )
     if isinstance(window, bool) or not isinstance(window, int) or window < 2 * p.m:
         raise PlanError(f"window={window!r} must be an int >= 2*M = {2 * p.m} (two stripes).")
-    if max_regressions < 0:
-        raise PlanError(f"max_regressions must be >= 0, got {max_regressions}.")
+    if isinstance(max_regressions, bool) or not isinstance(max_regressions, int) or max_regressions < 0:
+        raise PlanError(f"max_regressions must be an int >= 0, got {max_regressions!r}.")
+    if stripe_group_size is not None:
+        _group_size(p, stripe_group_size, 0)  # validates it whatever the method
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PlanError(f"threads must be None or an int >= 1, got {threads!r}.")
     dev = torch.device(device) if device is not None else matrix.device
     clock = _Clock(time_limit, progress, f"permutation search {p} {tuple(matrix.shape)}")
     gen = torch.Generator().manual_seed(int(seed))
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         scores = matrix.detach().to(dev)
         kept_identity = kept_score(scores, p)
@@ -447,7 +469,7 @@ def search_permutation(
         elif method == "random":
             perm, kept = _random_search(scores, p, block, gen, clock)
         else:
-            state = _SwapState(scores.float().contiguous().clone(), p.n, p.m, block, window)
+            state = _SwapState(scores.float().contiguous().clone(), p.n, p.m, block, window, clock)
             perm, kept, swaps, regressions, sweeps = _greedy(state, gen, clock, max_regressions)
             info["sweeps"] = sweeps
             if method == "exhaustive":
@@ -466,6 +488,8 @@ def search_permutation(
         seconds = clock.elapsed()
     finally:
         clock.close()
+        if threads is not None:
+            torch.set_num_threads(saved_threads)
     log.debug(
         "permutation search %s %s %s: kept %.6g -> %.6g (bound %.6g) in %.3fs, %d swaps",
         method, p, tuple(matrix.shape), kept_identity, kept_check, bound, seconds, swaps,
@@ -503,26 +527,32 @@ def _random_search(
     return best, best_kept
 
 
-def _group_size(p: Pattern, stripe_group_size: int | None) -> tuple[int | None, str]:
-    """The stripe-group size to use, or ``(None, reason)`` when no size is affordable by default."""
-    if stripe_group_size is None:
-        for size in (3, 2):
-            if _n_partitions(p.m, size) <= DEFAULT_PARTITIONS:
-                return size, ""
+def _group_size(p: Pattern, requested: int | None, stripes: int) -> tuple[int | None, str]:
+    """The stripe-group size: ``requested`` (validated), else the default for ``stripes`` per window.
+
+    The default enumerates whole windows: 3 stripes when every triple of a window fits in
+    ``MAX_GROUPS`` and 3 stripes have at most ``DEFAULT_PARTITIONS`` arrangements, else 2 stripes
+    when those have at most ``DEFAULT_PARTITIONS``; otherwise ``(None, reason)``.
+    """
+    if requested is None:
+        if stripes >= 3 and math.comb(stripes, 3) <= MAX_GROUPS and _n_partitions(p.m, 3) <= DEFAULT_PARTITIONS:
+            return 3, ""
+        if _n_partitions(p.m, 2) <= DEFAULT_PARTITIONS:
+            return 2, ""
         return None, (
             f"pattern {p}: 2 stripes of {p.m} channels have {_n_partitions(p.m, 2)} arrangements, above "
             f"the default limit {DEFAULT_PARTITIONS}; the greedy result is kept (pass "
             "stripe_group_size=2 to search them anyway when M=8)"
         )
-    if isinstance(stripe_group_size, bool) or not isinstance(stripe_group_size, int) or stripe_group_size < 2:
-        raise PlanError(f"stripe_group_size must be an int >= 2 (or None), got {stripe_group_size!r}.")
-    count = _n_partitions(p.m, stripe_group_size)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 2:
+        raise PlanError(f"stripe_group_size must be an int >= 2 (or None), got {requested!r}.")
+    count = _n_partitions(p.m, requested)
     if count > MAX_PARTITIONS:
         raise PlanError(
-            f"stripe_group_size={stripe_group_size} with pattern {p} means {count} arrangements per "
+            f"stripe_group_size={requested} with pattern {p} means {count} arrangements per "
             f"group (limit {MAX_PARTITIONS}); use stripe_group_size=2 or leave it None."
         )
-    return stripe_group_size, ""
+    return requested, ""
 
 
 def _n_partitions(m: int, s: int) -> int:
@@ -580,11 +610,9 @@ def _refine_stripe_groups(
     m, n = p.m, p.n
     c, r = scores.shape[1], scores.shape[0]
     ns = c // m
-    s, reason = _group_size(p, stripe_group_size)
+    s, reason = _group_size(p, stripe_group_size, min(block, window, c) // m)
     if s is None:
         return perm, kept, 0, reason
-    if stripe_group_size is None:
-        s = min(s, max(2, min(block, window) // m))
     dev = scores.device
     x = scores[:, perm].float().contiguous()
     perm = perm.clone()

@@ -298,6 +298,16 @@ def test_block_of_one_stripe_cannot_move_anything():
     r = search_permutation(w, "2:4", block=4, method="exhaustive")
     assert torch.equal(r.perm, torch.arange(32))
     assert r.kept == r.kept_identity
+    assert r.info["skipped"] == "no block of 4 channels holds 2 whole stripes of 4"
+
+
+def test_exhaustive_reports_why_m8_groups_are_skipped_by_default():
+    w = _scores(4, 32, seed=0)
+    r = search_permutation(w, "2:8", method="exhaustive", max_regressions=0)
+    assert "6435 arrangements, above the default limit 6000" in r.info["skipped"]
+    forced = search_permutation(w, "2:8", method="exhaustive", max_regressions=0, stripe_group_size=2)
+    assert "skipped" not in forced.info
+    assert forced.kept >= r.kept
 
 
 def test_windows_smaller_than_group_still_search_everything():
@@ -323,6 +333,17 @@ def test_progress_bar_with_and_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     without = search_permutation(w, "2:4", progress=True)
     assert torch.equal(with_bar.perm, without.perm)
+
+
+def test_threads_are_restored_and_do_not_change_the_result():
+    w = _scores(16, 64, seed=3)
+    before = torch.get_num_threads()
+    one = search_permutation(w, "2:4", threads=1, max_regressions=5)
+    assert torch.get_num_threads() == before
+    default = search_permutation(w, "2:4", max_regressions=5)
+    assert torch.equal(one.perm, default.perm)
+    with pytest.raises(PlanError, match="threads must be None or an int >= 1"):
+        search_permutation(w, "2:4", threads=0)
 
 
 def test_float64_input_and_explicit_device():
@@ -360,5 +381,9 @@ def test_errors_name_shape_method_and_fix():
         search_permutation(torch.rand(4, 16), "2:4", method="exhaustive", stripe_group_size=4)
     with pytest.raises(PlanError, match="time_limit"):
         search_permutation(torch.rand(4, 16), "2:4", time_limit=-1)
+    with pytest.raises(PlanError, match="max_regressions must be an int >= 0"):
+        search_permutation(torch.rand(4, 16), "2:4", max_regressions=-2)
+    with pytest.raises(PlanError, match=r"window=4 must be an int >= 2\*M = 8"):
+        search_permutation(torch.rand(4, 16), "2:4", window=4)
     with pytest.raises(ShapeError, match="not a positive multiple"):
         kept_score(torch.rand(3, 6), "2:4")
