@@ -94,7 +94,7 @@ def main() -> None:
 
     # 7. Export: ONNX, verified with onnxruntime, checked for the pattern TensorRT reads
     with tempfile.TemporaryDirectory() as tmp:
-        report = nmgraph.export(model, Path(tmp) / "bert.onnx", args, pattern)
+        report = nmgraph.export(model, Path(tmp) / "bert.onnx", args, pattern, plan=plan)
     print(report)
 
 

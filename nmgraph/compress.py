@@ -94,7 +94,7 @@ class CompressedNM:
         idx = self.unpack_indices().view(rows, k // self.m, self.n)
         dense = torch.zeros(rows, k // self.m, self.m, dtype=self.values.dtype, device=self.device)
         dense.scatter_(-1, idx, self.values.view(rows, k // self.m, self.n))
-        return ungroup_view(dense, self.shape, self.axis)
+        return ungroup_view(dense, self.shape, self.axis).contiguous()
 
     def to(self, *args, **kwargs) -> CompressedNM:
         """Moves values (device and dtype) and indices (device only)."""

@@ -104,3 +104,9 @@ def test_corrupt_state_is_typed_error():
     state["values"] = state["values"][:, :3]
     with pytest.raises(SerializationError, match=r"values has shape \(4, 3\)"):
         CompressedNM.from_state_dict(state)
+
+
+def test_to_dense_is_contiguous_for_conv():
+    w = _pruned((6, 8, 3, 3), "2:4")
+    dense = compress(w, "2:4").to_dense()
+    assert dense.is_contiguous() and dense.stride() == w.stride()
