@@ -2,6 +2,7 @@
 
     python benchmarks/permutation_search.py            # full table (about 10 minutes on 2 CPU cores)
     python benchmarks/permutation_search.py --quick    # under a minute, for CI-like use
+    python benchmarks/permutation_search.py --converge --log  # 4096x4096 greedy to convergence (minutes)
 
 Every matrix is seeded (i.i.d. |N(0, 1)| unless marked Student-t, |t(3)|). "kept %" is the share of
 the total magnitude that N:M pruning keeps, "gain %" the relative kept gain over the identity,
@@ -15,6 +16,7 @@ each round) to show what the batched rounds and incremental tables buy.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -76,6 +78,8 @@ def run_case(rows, cols, pattern, method, *, kind="gauss", seed=0, repeats=1, **
     label = method
     if kwargs.get("max_regressions") == 0:
         label += " (no escapes)"
+    elif kwargs.get("max_regressions") is not None:
+        label += f" ({kwargs['max_regressions']} escapes)"
     if kwargs.get("time_limit") is not None:
         label += f" (limit {kwargs['time_limit']:g}s)"
     return {
@@ -121,8 +125,15 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads for the run (default 1, see docs)"
     )
+    ap.add_argument(
+        "--converge", action="store_true", help="only 4096x4096 2:4 greedy, no escapes, no time limit"
+    )
+    ap.add_argument("--log", action="store_true", help="log every sweep of the search to stderr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.log:
+        logging.basicConfig(format="%(relativeCreated)8.0fms %(message)s")
+        logging.getLogger("nmgraph.permutation_search").setLevel(logging.DEBUG)
     repeats = args.repeats or (1 if args.quick else 3)
     print(
         f"# nmgraph permutation search | torch {torch.__version__} | {platform.processor() or platform.machine()} "
@@ -130,7 +141,9 @@ def main(argv=None) -> int:
     )
     start = time.perf_counter()
     cases = []
-    if args.quick:
+    if args.converge:
+        cases += [(4096, 4096, "2:4", "greedy", {"max_regressions": 0})]
+    elif args.quick:
         cases += [
             (256, 256, "2:4", "none", {}),
             (256, 256, "2:4", "random", {}),
@@ -167,7 +180,7 @@ def main(argv=None) -> int:
         ]
     rows = []
     print(HEAD)
-    print("|" + "|".join("-" * (len(col) + 2) for col in HEAD.strip("|").split("|")[:-1]) + "|")
+    print("|" + "|".join("-" * len(col) for col in HEAD.split("|")[1:-1]) + "|")
     for case in cases:
         if case[0] == "plain":
             rows.append(run_plain(*case[1:]))

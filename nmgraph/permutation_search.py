@@ -130,8 +130,8 @@ def kept_score(matrix: torch.Tensor, pattern: PatternLike) -> float:
     p = Pattern.parse(pattern)
     _check_matrix(matrix, p)
     rows, c = matrix.shape
-    groups = matrix.detach().double().reshape(rows, c // p.m, p.m)
-    return float(torch.topk(groups, p.n, dim=-1).values.sum())
+    groups = _exact(matrix).reshape(rows, c // p.m, p.m)
+    return float(torch.topk(groups, p.n, dim=-1).values.sum(dtype=torch.float64))
 
 
 def unstructured_bound(matrix: torch.Tensor, pattern: PatternLike) -> float:
@@ -143,7 +143,13 @@ def unstructured_bound(matrix: torch.Tensor, pattern: PatternLike) -> float:
     p = Pattern.parse(pattern)
     _check_matrix(matrix, p)
     c = matrix.shape[1]
-    return float(torch.topk(matrix.detach().double(), c // p.m * p.n, dim=1).values.sum())
+    return float(torch.topk(_exact(matrix), c // p.m * p.n, dim=1).values.sum(dtype=torch.float64))
+
+
+def _exact(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` in a dtype that holds its values exactly (sums are taken in float64 anyway)."""
+    x = matrix.detach()
+    return x if x.dtype in (torch.float32, torch.float64) else x.double()
 
 
 class _Clock:
@@ -460,7 +466,7 @@ def search_permutation(
         scores = matrix.detach().to(dev)
         kept_identity = kept_score(scores, p)
         bound = unstructured_bound(scores, p)
-        total = float(scores.double().sum())
+        total = float(scores.sum(dtype=torch.float64))
         identity = torch.arange(c, device=dev)
         info: dict = {}
         swaps = regressions = 0
