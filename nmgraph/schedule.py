@@ -496,7 +496,8 @@ class SparsityState(nn.Module):
         """Sets beta and (when due, or ``force``) the masks for the current step from ``weights``.
 
         ``weights`` maps weight names to tensors; ``scores`` (weight name -> saliency) is used by
-        ``fixed`` when its mask is computed.
+        ``fixed`` when its mask is computed. ``force`` recomputes every mask as if the current
+        phase had just started (``prepare`` uses it once; for ``fixed`` it chooses the mask again).
         """
         plan = self.current_plan()
         if force:

@@ -79,17 +79,23 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None 
     return changed
 
 
+def _train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    set_mode(self, mode)
+    return self
+
+
+def _eval(self: fx.GraphModule) -> fx.GraphModule:
+    set_mode(self, False)
+    return self
+
+
 def _install_train_eval(gm: fx.GraphModule) -> None:
-    def train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
-        set_mode(self, mode)
-        return self
-
-    def eval(self: fx.GraphModule) -> fx.GraphModule:
-        set_mode(self, False)
-        return self
-
-    gm.train = types.MethodType(train, gm)
-    gm.eval = types.MethodType(eval, gm)
+    """Makes ``gm.train()``/``gm.eval()`` call :func:`set_mode`, also on deep copies of ``gm``."""
+    gm.train = types.MethodType(_train, gm)
+    gm.eval = types.MethodType(_eval, gm)
+    hooks = getattr(gm, "_deepcopy_hooks", [])
+    if hasattr(gm, "_register_deepcopy_hook") and _install_train_eval not in hooks:
+        gm._register_deepcopy_hook(_install_train_eval)
 
 
 def _check_scores(scores: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo]) -> None:

@@ -237,6 +237,11 @@ def test_eval_uses_hard_mask_and_train_eval_switch_masks_and_dropout():
     parent = torch.nn.Sequential(gm)
     parent.eval()  # nn.Module.eval on a parent reaches the prepared graph's override
     assert all(n.args[6] is True for n in mask_nodes(gm))
+    gm.train()
+    twin = copy.deepcopy(gm)  # a deep copy keeps train()/eval() switching its own graph
+    twin.eval()
+    assert all(n.args[6] is True for n in mask_nodes(twin))
+    assert all(n.args[6] is False for n in mask_nodes(gm))
 
 
 def test_export_and_compile_prepared_graph():
@@ -249,6 +254,7 @@ def test_export_and_compile_prepared_graph():
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), gm(x), rtol=0, atol=0)
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    assert SparsityCallback(compiled).state is _state(gm)  # found inside the compile wrapper
     out_c = compiled(x)
     out_c.square().sum().backward()
     grads_c = {n: p.grad.clone() for n, p in model.named_parameters()}
