@@ -3,6 +3,7 @@
     python benchmarks/permutation_search.py            # full table (about 10 minutes on 2 CPU cores)
     python benchmarks/permutation_search.py --quick    # under a minute, for CI-like use
     python benchmarks/permutation_search.py --converge --log  # 4096x4096 greedy to convergence (minutes)
+    python benchmarks/permutation_search.py --seeds 8  # 256x256 2:4 greedy on 8 matrix seeds
 
 Every matrix is seeded (i.i.d. |N(0, 1)| unless marked Student-t, |t(3)|). "kept %" is the share of
 the total magnitude that N:M pruning keeps, "gain %" the relative kept gain over the identity,
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
         "--converge", action="store_true", help="only 4096x4096 2:4 greedy, no escapes, no time limit"
     )
     ap.add_argument("--log", action="store_true", help="log every sweep of the search to stderr")
+    ap.add_argument("--seeds", type=int, default=0, help="only 256x256 2:4 greedy on this many matrix seeds")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.log:
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     cases = []
     if args.converge:
         cases += [(4096, 4096, "2:4", "greedy", {"max_regressions": 0})]
+    elif args.seeds:
+        cases += [(256, 256, "2:4", "greedy", {"seed": k}) for k in range(args.seeds)]
     elif args.quick:
         cases += [
             (256, 256, "2:4", "none", {}),
@@ -188,8 +192,11 @@ def main(argv=None) -> int:
             r, c, pattern, method, kw = case
             kw = dict(kw)
             kind = kw.pop("kind", "gauss")
+            seed = kw.pop("seed", 0)
             big = r * c >= 1 << 20
-            rows.append(run_case(r, c, pattern, method, kind=kind, repeats=1 if big else repeats, **kw))
+            rows.append(run_case(r, c, pattern, method, kind=kind, seed=seed, repeats=1 if big else repeats, **kw))
+            if seed:
+                rows[-1]["shape"] += f" seed {seed}"
         print(format_row(rows[-1]), flush=True)
     print(f"# total {time.perf_counter() - start:.1f}s")
     return 0
