@@ -1,6 +1,6 @@
 """Permutation search quality and speed: kept magnitude after N:M pruning, efficacy, seconds.
 
-    python benchmarks/permutation_search.py            # full table (about 10 minutes on 2 CPU cores)
+    python benchmarks/permutation_search.py            # full table (about 4 minutes on 2 CPU cores)
     python benchmarks/permutation_search.py --quick    # under a minute, for CI-like use
     python benchmarks/permutation_search.py --converge --log  # 4096x4096 greedy to convergence (minutes)
     python benchmarks/permutation_search.py --seeds 8  # 256x256 2:4 greedy on 8 matrix seeds
@@ -8,10 +8,12 @@
 Every matrix is seeded (i.i.d. |N(0, 1)| unless marked Student-t, |t(3)|). "kept %" is the share of
 the total magnitude that N:M pruning keeps, "gain %" the relative kept gain over the identity,
 "efficacy %" is (kept - identity) / (unstructured bound - identity). Seconds are the median of
-``--repeats`` runs of the same (deterministic) search. The baseline row of each matrix, measured
-in the same run, is the identity ("none") and the best of 16 random permutations ("random"); the
-full table also times a plain greedy swap search (one swap per round, whole gain table recomputed
-each round) to show what the batched rounds and incremental tables buy.
+``--repeats`` runs of the same (deterministic) search; "CPU s" is the process CPU time of the same
+runs (on a shared machine, wall-clock seconds include time spent waiting for a core). The baseline
+rows of each matrix, measured in the same run, are the identity ("none") and the best of 16 random
+permutations ("random"); the full table also times a plain greedy swap search (one swap per
+round, whole gain table recomputed each round) to show what the batched rounds and incremental
+tables buy.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ def plain_greedy(matrix: torch.Tensor, pattern: str, time_limit: float) -> tuple
 
 def run_case(rows, cols, pattern, method, *, kind="gauss", seed=0, repeats=1, **kwargs):
     w = make_matrix(rows, cols, seed, kind)
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(repeats):
+        c0 = time.process_time()
         result = search_permutation(w, pattern, method=method, seed=0, **kwargs)
+        cpu.append(time.process_time() - c0)
         times.append(result.seconds)
     assert result.kept >= result.kept_identity
     assert abs(kept_score(w[:, result.perm], pattern) - result.kept) <= 1e-9 * result.kept
@@ -91,12 +95,15 @@ def run_case(rows, cols, pattern, method, *, kind="gauss", seed=0, repeats=1, **
         "gain": 100 * result.gain,
         "efficacy": 100 * result.efficacy,
         "seconds": statistics.median(times),
+        "cpu": statistics.median(cpu),
     }
 
 
 def run_plain(rows, cols, pattern, *, seed=0, time_limit=120.0):
     w = make_matrix(rows, cols, seed)
+    c0 = time.process_time()
     perm, seconds = plain_greedy(w, pattern, time_limit)
+    cpu = time.process_time() - c0
     ident, kept, bound = kept_score(w, pattern), kept_score(w[:, perm], pattern), unstructured_bound(w, pattern)
     return {
         "shape": f"{rows}x{cols}",
@@ -106,16 +113,20 @@ def run_plain(rows, cols, pattern, *, seed=0, time_limit=120.0):
         "gain": 100 * (kept / ident - 1),
         "efficacy": 100 * (kept - ident) / (bound - ident),
         "seconds": seconds,
+        "cpu": cpu,
     }
 
 
-HEAD = f"| {'shape':<16} | {'pattern':<7} | {'method':<30} | {'kept %':>8} | {'gain %':>8} | {'efficacy %':>10} | {'seconds':>8} |"
+HEAD = (
+    f"| {'shape':<16} | {'pattern':<7} | {'method':<30} | {'kept %':>8} | {'gain %':>8} | {'efficacy %':>10} "
+    f"| {'seconds':>8} | {'CPU s':>8} |"
+)
 
 
 def format_row(r) -> str:
     return (
         f"| {r['shape']:<16} | {r['pattern']:<7} | {r['method']:<30} | {r['kept']:8.3f} | {r['gain']:+8.3f} | "
-        f"{r['efficacy']:10.2f} | {r['seconds']:8.2f} |"
+        f"{r['efficacy']:10.2f} | {r['seconds']:8.2f} | {r['cpu']:8.2f} |"
     )
 
 
