@@ -50,7 +50,7 @@ def main() -> None:
     report = nmgraph.permute(gm, plan, search="random", seed=0)
     random_kept = dict(report.kept_after)
     nmgraph.permute(gm, plan, perms={g: torch.argsort(p) for g, p in report.perms.items()})  # undo
-    searched = nmgraph.permute(gm, plan, search="greedy", seed=0)
+    searched = nmgraph.permute(gm, plan, search="greedy", seed=0, time_limit=20)
     print(f"{'layer':<52} {'identity':>9} {'random':>9} {'greedy':>9}")
     for info in plan.layers:
         print(f"{info.name:<52} {100 * searched.kept_before[info.name]:>8.2f}% "

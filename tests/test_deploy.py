@@ -14,7 +14,7 @@ from .hf_models import first_tensor
 def test_compile_matches_pruned_reference(name):
     model, args = hf_models.FACTORIES[name]()
     dense = copy.deepcopy(model)
-    fast = nmgraph.compile(model, pattern="2:4", backend="auto")
+    fast = nmgraph.compile(model, pattern="2:4", backend="auto", time_limit=1.0)
     out = first_tensor(fast(*args))
     plan = fast.report.plan
     assert plan is not None and plan.layers
@@ -40,7 +40,7 @@ def test_compile_errors():
 def test_torch_compile_backend_by_name():
     model, args = hf_models.bert()
     dense = copy.deepcopy(model)
-    opt = torch.compile(model, backend="nmgraph", options={"pattern": "2:4", "inductor": False})
+    opt = torch.compile(model, backend="nmgraph", options={"pattern": "2:4", "inductor": False, "time_limit": 1.0})
     out = first_tensor(opt(*args))
     names = [n for n, _ in model.named_parameters() if n.endswith("output.dense.weight")]
     assert names and all(nmgraph.is_nm(model.get_parameter(n), "2:4") for n in names)
@@ -53,7 +53,7 @@ def test_torch_compile_backend_hands_rest_to_inductor():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
                                 torch.nn.Linear(8, 4)).eval()
     x = torch.randn(3, 8)
-    opt = torch.compile(model, backend="nmgraph", options={"pattern": "2:4"})
+    opt = torch.compile(model, backend="nmgraph", options={"pattern": "2:4", "time_limit": 1.0})
     out = opt(x)
     assert nmgraph.is_nm(model[0].weight, "2:4") and nmgraph.is_nm(model[2].weight, "2:4")
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)

@@ -201,7 +201,8 @@ def permute(
     ``search``: ``"none"`` (identity), ``"random"`` (a uniformly random valid permutation; for
     testing equivalence, it may lower kept magnitude), ``"greedy"`` or ``"exhaustive"`` (maximise
     kept magnitude, see :mod:`nmgraph.permutation_search`; a group is only changed if its consumers
-    keep more). ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
+    keep more). ``time_limit`` (seconds) bounds the whole search, shared among the groups.
+    ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
     weight names to saliency tensors used instead of ``|w|``.
 
     With ``verify=True`` (default) the outputs on the example inputs (those given to
@@ -228,6 +229,7 @@ def permute(
             raise PlanError(f"perms names group {gid}, but the plan has groups {sorted(valid_ids)}.")
 
     chosen: dict[int, torch.Tensor] = {}
+    searched = [g for g in plan.groups if g.consumers]
     for g in plan.groups:
         if perms is not None:
             if g.id in perms:
@@ -239,7 +241,11 @@ def permute(
             report.skipped.append(Skip(f"group {g.id}", "no eligible weight reads these channels"))
             continue
         matrix = _score_matrix(gm, g, score) if search != "random" else None
-        perm, result = _search(g, matrix, plan.pattern, search, seed, time_limit, gen)
+        budget = None
+        if time_limit is not None:  # the total budget is shared by the groups still to search
+            left = max(time_limit - (time.perf_counter() - start), 0.0)
+            budget = left / max(1, len(searched) - searched.index(g)) if g in searched else left
+        perm, result = _search(g, matrix, plan.pattern, search, seed, budget, gen)
         if result is not None:
             report.efficacy[g.id] = result.efficacy
             if result.kept <= result.kept_identity:
