@@ -28,6 +28,7 @@ from nmgraph.errors import (
 from nmgraph.export import ExportReport, export
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
+from nmgraph.permutation_search import SearchResult, kept_score, search_permutation
 from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 from nmgraph.serialize import load, save
 from nmgraph.training import SparsityCallback, convert, prepare
@@ -48,6 +49,7 @@ __all__ = [
     "PermutationGroup",
     "PermuteReport",
     "PlanError",
+    "SearchResult",
     "SerializationError",
     "ShapeError",
     "Skip",
@@ -64,9 +66,11 @@ __all__ = [
     "convert",
     "export",
     "is_nm",
+    "kept_score",
     "load",
     "nm_mask",
     "permute",
     "prepare",
     "save",
+    "search_permutation",
 ]
