@@ -102,12 +102,12 @@ def _backward(ctx, grad):
     weight, mask, hard, grad_mask = ctx.saved_tensors
     if ctx.hard_mode:
         gw = grad * hard
+    elif grad_mask is None:
+        gw = grad if ctx.lam == 0.0 else torch.addcmul(grad, weight, ~mask, value=ctx.lam)
     else:
-        gw = grad
+        gw = grad * grad_mask
         if ctx.lam != 0.0:
-            gw = torch.where(mask, grad, grad + ctx.lam * weight)
-        if grad_mask is not None:
-            gw = gw * grad_mask
+            gw.addcmul_(weight, grad_mask & ~mask, value=ctx.lam)
     return gw, None, None, None, None, None, None
 
 
