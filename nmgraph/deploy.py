@@ -113,6 +113,13 @@ class CompiledModule(torch.nn.Module):
                                                       strict=opts.get("strict", False)))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
+        if opts.get("inductor", False):
+            if kwargs:
+                raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
+                                       "compiled module without keyword arguments or leave inductor off.")
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(result.gm, list(args))
         return result.gm
 
 
@@ -130,7 +137,8 @@ def compile(
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
     Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``include``,
     ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of
-    the per-layer backend measurements). ``result.report`` tells what was done after the first call.
+    the per-layer backend measurements), ``inductor`` (compile the lowered graph with inductor,
+    which removes the per-node Python overhead of the captured graph; positional inputs only). ``result.report`` tells what was done after the first call.
     """
     p = Pattern.parse(pattern)
     if backend not in BACKENDS:

@@ -57,3 +57,15 @@ def test_torch_compile_backend_hands_rest_to_inductor():
     out = opt(x)
     assert nmgraph.is_nm(model[0].weight, "2:4") and nmgraph.is_nm(model[2].weight, "2:4")
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_with_inductor_matches_pruned_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 8)
+    fast = nmgraph.compile(model, "2:4", inductor=True, time_limit=1.0, include=["2"])
+    out = fast(x)
+    assert nmgraph.is_nm(model[2].weight, "2:4")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnsupportedError, match="positional inputs only"):
+        nmgraph.compile(torch.nn.Linear(8, 4), inductor=True)(input=x)
