@@ -58,10 +58,7 @@ def capture(
             failures.append(f"torch.export (non-strict): {type(e).__name__}: {_first_lines(e)}")
             log.debug("torch.export failed", exc_info=True)
         else:
-            _share_tensors(gm, model)
-            gm.meta["nmgraph_capture"] = "export"
-            gm.meta["nmgraph_example_inputs"] = (args, kwargs)
-            return gm
+            return _finish(gm, model, "export", args, kwargs)
     if method in ("auto", "symbolic_trace"):
         try:
             gm = fx.symbolic_trace(model)
@@ -69,10 +66,7 @@ def capture(
             failures.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_lines(e)}")
             log.debug("symbolic_trace failed", exc_info=True)
         else:
-            _share_tensors(gm, model)
-            gm.meta["nmgraph_capture"] = "symbolic_trace"
-            gm.meta["nmgraph_example_inputs"] = (args, kwargs)
-            return gm
+            return _finish(gm, model, "symbolic_trace", args, kwargs)
     raise CaptureError(
         f"Could not capture {type(model).__name__} as an FX graph.\n"
         + "\n".join(f"  - {f}" for f in failures)
@@ -81,6 +75,13 @@ def capture(
         "dynamic_shapes= if the model branches on sizes; or move data-dependent Python control "
         "flow out of forward()."
     )
+
+
+def _finish(gm: fx.GraphModule, model: torch.nn.Module, how: str, args: tuple, kwargs: dict) -> fx.GraphModule:
+    _share_tensors(gm, model)
+    gm.meta["nmgraph_capture"] = how
+    gm.meta["nmgraph_example_inputs"] = (args, kwargs)
+    return gm
 
 
 def _is_captured(gm: fx.GraphModule) -> bool:
