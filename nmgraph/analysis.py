@@ -195,7 +195,8 @@ def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
         return None
     rule = OP_RULES.get(node.target)
     in_shape, out_shape = _shape(src), _shape(node)
-    if rule is _pass_through and in_shape == out_shape:
+    single = rule is _broadcast and len([a for a in node.args if isinstance(a, fx.Node)]) == 1
+    if (rule is _pass_through or single) and in_shape == out_shape:  # e.g. Gemma's (1 + weight)
         return src, axes
     if rule in (_expand, _unsqueeze):
         if rule is _expand:
@@ -799,6 +800,10 @@ def _getitem(flow: _Flow, node: fx.Node) -> None:
 def _sdpa(flow: _Flow, node: fx.Node) -> None:
     """scaled_dot_product_attention(q, k, v, mask): per head, q.k over head_dim; v's head_dim passes."""
     q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):  # a per-head bias (T5, ALiBi) pins heads and positions
+        for s in flow.spaces_of(mask):
+            flow.barrier(s.index, f"{node.name}: attention mask/bias channels are tied to fixed heads")
     d = _shape(q)[-1]
     nd = len(_shape(q))
     head_axis = nd - 3
@@ -866,6 +871,7 @@ _BINARY = [
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
     aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor, aten.where.self, aten.maximum.default,
     aten.minimum.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.pow.Tensor_Tensor,
+    aten.where.ScalarOther, aten.where.ScalarSelf,
 ]
 _REDUCE = [
     aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.amax.default,

@@ -452,3 +452,81 @@ def test_grouped_query_attention_repeats_heads():
     qk = _group_with(plan, "k.weight", 0)
     q = next(m for m in qk.members if m.name == "q.weight")
     assert qk.size == 16 and (q.repeat, q.axis) == (2, 0)
+
+
+class PerHeadBias(nn.Module):
+    """A learned per-head attention bias passed to SDPA as attn_mask (T5-style): heads stay put."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = SDPAttention()
+        self.bias = nn.Embedding(9, 4)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        a = self.attn
+        split = lambda t: t.view(b, s, a.h, a.d // a.h).transpose(1, 2)  # noqa: E731
+        pos = torch.arange(s)
+        mask = self.bias((pos[:, None] - pos[None, :]).clamp(-4, 4) + 4).permute(2, 0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(split(a.q(x)), split(a.k(x)), split(a.v(x)), attn_mask=mask)
+        return a.o(out.transpose(1, 2).reshape(b, s, d))
+
+
+def test_per_head_attention_bias_is_a_barrier():
+    plan = _check(PerHeadBias(), torch.randn(2, 5, 32))
+    assert _group_with(plan, "bias.weight", 1) is None
+    assert "attention mask/bias channels are tied to fixed heads" in _barrier_reasons(plan)
+    assert _group_with(plan, "attn.o.weight", 1) is not None  # V/O within heads is still fine
+
+
+class OnePlusWeightNorm(nn.Module):
+    """Gemma's RMSNorm scales by (1 + weight): the parameter reaches the channels through an add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.weight = nn.Linear(8, 16), nn.Linear(16, 8), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.fc2(h * (1.0 + self.weight))
+
+
+def test_one_plus_weight_norm():
+    plan = _check(OnePlusWeightNorm(), torch.randn(3, 8))
+    assert ("weight", 0) in {(m.name, m.axis) for m in _group_with(plan, "fc2.weight", 1).members}
+
+
+def _lm_kwargs():
+    return dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                max_position_embeddings=64)
+
+
+def _more_architectures():
+    t = hf_models.transformers
+    ids = hf_models._ids()
+    special = dict(use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return {
+        "mistral": (lambda: t.MistralForCausalLM(t.MistralConfig(**_lm_kwargs(), num_key_value_heads=2, **special)), ids, 1.0),
+        "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**_lm_kwargs(), num_key_value_heads=2, **special)), ids, 1.0),
+        "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(**_lm_kwargs(), num_key_value_heads=2, head_dim=16,
+                                                           **special)), ids, 1.0),
+        "distilbert": (lambda: t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, pad_token_id=0)),
+            ids, 1.0),
+        "opt": (lambda: t.OPTForCausalLM(t.OPTConfig(
+            vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+            max_position_embeddings=64, word_embed_proj_dim=64, use_cache=False, pad_token_id=1, bos_token_id=0,
+            eos_token_id=0)), ids, 1.0),
+        "t5-encoder": (lambda: t.T5EncoderModel(t.T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                           num_heads=4)), ids, 0.33),
+    }
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma", "distilbert", "opt", "t5-encoder"])
+def test_more_architectures(name):
+    factory, ids, fraction = _more_architectures()[name]
+    torch.manual_seed(0)
+    plan = _check(factory().eval(), ids)
+    assert plan.permutable_fraction == pytest.approx(fraction, abs=0.01)
+    print(f"{name}: permutable fraction {plan.permutable_fraction:.2f}")
