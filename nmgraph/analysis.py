@@ -1199,6 +1199,7 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
     groups: list[PermutationGroup] = []
     barriers: list[Skip] = []
     layer_group: dict[str, int] = {}
+    param_names = set(canonical.values())
     consumer_space = {}
     for info in layers:
         attr_node, _ = eligible_node_of[info.name]
@@ -1223,7 +1224,8 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
             continue
         label = ", ".join(sorted({m.name for m in mems.values()})[:3])
         if c.barriers:
-            barriers.append(Skip(f"channels of {label}{' ...' if len(mems) > 3 else ''}", c.barriers[0]))
+            if any(m.name in param_names for m in mems.values()):  # buffers alone (rotary tables) are noise
+                barriers.append(Skip(f"channels of {label}{' ...' if len(mems) > 3 else ''}", c.barriers[0]))
             continue
         gid = len(groups)
         consumers = []
