@@ -19,6 +19,7 @@ buffers (and their axes) in it.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 import operator
@@ -76,6 +77,7 @@ class _Flow:
         self.parent: list[int] = []
         self.info: dict[int, _Class] = {}
         self.of_node: dict[fx.Node, list[int]] = {}
+        self.slices: dict[int, list[tuple[int, int, int]]] = {}  # space -> [(start, stop, part space)]
 
     # -- union-find
     def find(self, i: int) -> int:
@@ -89,9 +91,9 @@ class _Flow:
     def cls(self, i: int) -> _Class:
         return self.info[self.find(i)]
 
-    def new(self, node: fx.Node, axes: Axes, inner: int = 1) -> int:
+    def new(self, node: fx.Node, axes: Axes, inner: int = 1, size: int | None = None) -> int:
         shape = _shape(node)
-        size = math.prod(shape[a] for a in axes)
+        size = math.prod(shape[a] for a in axes) if size is None else size
         idx = len(self.spaces)
         self.spaces.append(_Space(node, tuple(axes), inner, size // inner, idx))
         self.parent.append(idx)
@@ -133,6 +135,30 @@ class _Flow:
             return
         for (_, _, x), (_, _, y) in zip(a, b):
             self.union(x, y, "matching concat/split segments")
+
+    def finish_slices(self) -> None:
+        """Turns the slices taken of a channel space into a segmentation (fused QKV read by slicing)."""
+        for src, parts in self.slices.items():
+            space = self.spaces[src]
+            by_range: dict[tuple[int, int], int] = {}
+            for start, stop, idx in parts:
+                if (start, stop) in by_range:
+                    self.union(by_range[(start, stop)], idx, "identical slices")
+                else:
+                    by_range[(start, stop)] = idx
+            ranges = sorted(by_range)
+            if any(a[1] > b[0] for a, b in itertools.pairwise(ranges)):
+                self.barrier(src, f"overlapping slices of the channels of {space.node.name}")
+                continue
+            segs, pos = [], 0
+            for start, stop in ranges:
+                if start > pos:  # channels no slice reads: their own (unused) segment
+                    segs.append((pos, start, self.new(space.node, space.axes, 1, start - pos)))
+                segs.append((start, stop, by_range[(start, stop)]))
+                pos = stop
+            if pos < space.channels:
+                segs.append((pos, space.channels, self.new(space.node, space.axes, 1, space.channels - pos)))
+            self.segment(src, segs)
 
     def barrier(self, i: int, reason: str) -> None:
         c = self.cls(i)
@@ -702,9 +728,17 @@ def _slice(flow: _Flow, node: fx.Node) -> None:
     src = node.args[0]
     nd = len(_shape(src))
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
-    full = _shape(node)[dim] == _shape(src)[dim]
+    size = _shape(src)[dim]
+    full = _shape(node)[dim] == size
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    step = node.args[4] if len(node.args) > 4 else 1
     for s in flow.spaces_of(src):
         if dim in s.axes and not full:
+            if s.axes == (dim,) and s.inner == 1 and step == 1 and isinstance(start, int):
+                start = start + size if start < 0 else min(start, size)
+                stop = start + _shape(node)[dim]
+                flow.slices.setdefault(s.index, []).append((start, stop, flow.new(node, (dim,))))
+                continue
             flow.barrier(s.index, f"{node.name}: slices channel axis {dim}")
             continue
         flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
@@ -1115,6 +1149,7 @@ def analyze(
                         flow.barrier(flow.at(a, (ax,)), f"{node.name}: {what} is not in nmgraph's op table")
             continue
         rule(flow, node)
+    flow.finish_slices()
     if unknown:
         log.info("ops outside the table (barriers): %s", unknown)
 

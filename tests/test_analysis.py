@@ -511,6 +511,7 @@ def _more_architectures():
         "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**_lm_kwargs(), num_key_value_heads=2, **special)), ids, 1.0),
         "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(**_lm_kwargs(), num_key_value_heads=2, head_dim=16,
                                                            **special)), ids, 1.0),
+        "phi3": (lambda: t.Phi3ForCausalLM(t.Phi3Config(**_lm_kwargs(), num_key_value_heads=2, **special)), ids, 1.0),
         "distilbert": (lambda: t.DistilBertForSequenceClassification(t.DistilBertConfig(
             vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, pad_token_id=0)),
             ids, 1.0),
@@ -523,10 +524,32 @@ def _more_architectures():
     }
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma", "distilbert", "opt", "t5-encoder"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma", "phi3", "distilbert", "opt", "t5-encoder"])
 def test_more_architectures(name):
     factory, ids, fraction = _more_architectures()[name]
     torch.manual_seed(0)
     plan = _check(factory().eval(), ids)
     assert plan.permutable_fraction == pytest.approx(fraction, abs=0.01)
     print(f"{name}: permutable fraction {plan.permutable_fraction:.2f}")
+
+
+class SlicedFusedQKV(nn.Module):
+    """A fused projection read by slicing (Phi-3's qkv_proj), with a 4-channel gap nobody reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused, self.p, self.q = nn.Linear(8, 28), nn.Linear(8, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fused(x)
+        a, b = h[..., :8], h[..., 12:]
+        return self.p(a.relu()) + self.q(b.relu()) + self.p(h[..., :8].sigmoid())
+
+
+def test_slices_of_channels_are_segments():
+    plan = _check(SlicedFusedQKV(), torch.randn(3, 8), include=["p", "q"])
+    gp, gq = _group_with(plan, "p.weight", 1), _group_with(plan, "q.weight", 1)
+    fused_p = next(m for m in gp.members if m.name == "fused.weight")
+    fused_q = next(m for m in gq.members if m.name == "fused.weight")
+    assert (fused_p.start, fused_p.stop, fused_q.start, fused_q.stop) == (0, 8, 12, 28)
+    assert gp.consumers == ("p.weight",) and gq.consumers == ("q.weight",)
