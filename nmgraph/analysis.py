@@ -1017,22 +1017,25 @@ def _module_of(node: fx.Node, pname: str) -> str:
     return pname.rsplit(".", 1)[0] if "." in pname else ""
 
 
-def _reaches_output_directly(node: fx.Node, gemms: set[fx.Node]) -> bool:
-    """True if ``node``'s result reaches the graph output through single-input ops only."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
+def _head_paths(graph: fx.Graph, gemms: set[fx.Node]) -> tuple[nx.DiGraph, fx.Node]:
+    """Dataflow edges that pass through single-input ops (and never into another GEMM or conv).
+
+    A GEMM with a path to the output in this graph is an output head: its result *is* the model
+    output up to unary ops (lm_head, classifier).
+    """
+    g = nx.DiGraph()
+    out = next(n for n in graph.nodes if n.op == "output")
+    for n in graph.nodes:
         for u in n.users:
             if u.op == "output":
-                return True
-            if u in seen or u in gemms:
+                g.add_edge(n, u)
+                continue
+            if u in gemms:
                 continue
             tensor_inputs = [a for a in u.all_input_nodes if _val(a) is not None and a.op != "get_attr"]
-            if len(tensor_inputs) > 1:
-                continue
-            seen.add(u)
-            stack.append(u)
-    return False
+            if len(tensor_inputs) <= 1:
+                g.add_edge(n, u)
+    return g, out
 
 
 def _matches(name: str, patterns: Iterable[str]) -> str | None:
@@ -1089,6 +1092,7 @@ def analyze(
     for n in attr_nodes:
         seen_tensors.setdefault(canonical[id(params[n.target])], []).append(n)
     eligible_node_of: dict[str, tuple[fx.Node, fx.Node]] = {}
+    head_graph, output_node = _head_paths(graph, gemm_nodes)
     for pname, nodes in seen_tensors.items():
         w = params[pname]
         if w.dim() < 2:
@@ -1120,7 +1124,7 @@ def analyze(
                                        f"by M={p.m}"))
             continue
         if dense_head and not (_matches(pname, include) or _matches(module, include)) and any(
-            _reaches_output_directly(u.node, gemm_nodes) for u in uses
+            u.node in head_graph and nx.has_path(head_graph, u.node, output_node) for u in uses
         ):
             skipped.append(Skip(pname, "output head kept dense (its result is the model output); "
                                        f"pass include=[{module or pname!r}] to prune it"))
@@ -1285,13 +1289,3 @@ def _kind(members: Iterable[Member], block: int, size: int) -> str:
     if any(m.inner > 1 for m in members):
         return "flatten"
     return "channels"
-
-
-def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
-    """The graph's dataflow as a networkx DiGraph of node names (for reports and debugging)."""
-    g = nx.DiGraph()
-    for n in gm.graph.nodes:
-        g.add_node(n.name, op=n.op, target=str(n.target))
-        for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
-    return g
