@@ -69,3 +69,21 @@ def test_compile_with_inductor_matches_pruned_model():
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(UnsupportedError, match="positional inputs only"):
         nmgraph.compile(torch.nn.Linear(8, 4), inductor=True)(input=x)
+
+
+def test_compile_train_mode_returns_prepared_graph():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(4, 8)
+    fast = nmgraph.compile(model, "2:4", mode="train", method="ste", permute=False)
+    out = fast(x)
+    gm = next(iter(fast._graphs.values()))
+    masks = [n for n in gm.graph.nodes if n.op == "call_function" and "masked_weight" in str(n.target)]
+    assert len(masks) == 2  # the two eligible weights; the output head stays dense
+    out.square().sum().backward()
+    assert model[0].weight.grad is not None  # trains the model's own parameters
+    with torch.no_grad():  # STE forward: the 2:4-masked weights
+        h = torch.relu(x @ (model[0].weight * nmgraph.nm_mask(model[0].weight, "2:4")).T + model[0].bias)
+        h = torch.relu(h @ (model[2].weight * nmgraph.nm_mask(model[2].weight, "2:4")).T + model[2].bias)
+        torch.testing.assert_close(out.detach(), model[4](h), rtol=1e-5, atol=1e-5)
