@@ -173,8 +173,9 @@ class SparsityPlan:
         if self.groups:
             lines.append("  groups:")
             for g in self.groups:
+                shown = ", ".join(g.consumers[:3]) + (f", ... ({len(g.consumers)} in all)" if len(g.consumers) > 3 else "")
                 lines.append(f"  #{g.id:<3} {g.kind:<10} size {g.size:>5} block {g.block:>5} "
-                             f"{len(g.members):>3} members, consumers: {', '.join(g.consumers) or '-'}")
+                             f"{len(g.members):>3} members, consumers: {shown or '-'}")
         if self.barriers:
             lines.append("  not permutable:")
             for b in self.barriers:
