@@ -70,14 +70,14 @@ def bench(fn, device: torch.device, reps: int) -> float:
         return statistics.median(times)
 
 
-def sparsify(model, ids, pattern: str, use_compile: bool):
+def sparsify(model, ids, pattern: str, use_compile: bool, inductor: bool = False):
     """The nmgraph model and a description of what was lowered."""
     if use_compile and hasattr(nmgraph, "compile"):
-        fast = nmgraph.compile(model, pattern=pattern, backend="auto")
+        fast = nmgraph.compile(model, pattern=pattern, backend="auto", inductor=inductor)
         with torch.no_grad():
             fast(ids)  # first call captures, prunes, lowers
         lowering = next(iter(fast.report.lowerings.values()))
-        return fast, "nmgraph.compile", lowering
+        return fast, "nmgraph.compile" + (" + inductor" if inductor else ""), lowering
     weights = {}
     with torch.no_grad():
         for name, mod in model.named_modules():
@@ -96,6 +96,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="sequences decoded together (M)")
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--no-compile", action="store_true", help="use capture + lower_linears, not nmgraph.compile")
+    ap.add_argument("--inductor", action="store_true",
+                    help="compile both sides with inductor (dense: torch.compile; nmgraph: inductor=True), so the "
+                         "ratio isolates the N:M kernels from Python overhead")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on shared CPUs)")
     ap.add_argument("--reps", type=int, default=20, help="CPU repeats per measurement")
     ap.add_argument("--json", type=Path)
@@ -112,8 +115,11 @@ def main(argv=None) -> None:
         model = build(cfg, dtype, device)
         n_params = sum(p.numel() for p in model.parameters())
         ids = torch.randint(0, cfg["vocab_size"], (batch, 1), device=device)
-        dense_ms = bench(lambda m=model, i=ids: m(i), device, args.reps)
-        fast, path, lowering = sparsify(model, ids, args.pattern, not args.no_compile)
+        dense_fn = torch.compile(model) if args.inductor else model
+        with torch.no_grad():
+            dense_fn(ids)  # compile outside the timed region
+        dense_ms = bench(lambda m=dense_fn, i=ids: m(i), device, args.reps)
+        fast, path, lowering = sparsify(model, ids, args.pattern, not args.no_compile, args.inductor)
         with torch.no_grad():  # the model's weights are now the pruned ones: same function
             ref, out = logits(model(ids)), logits(fast(ids))
         err = (out.float() - ref.float()).abs().max().item()
