@@ -90,6 +90,10 @@ class CompiledModule(torch.nn.Module):
         from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
         from nmgraph.training import convert
 
+        if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
+            from nmgraph.tensorrt import require_tensorrt
+
+            require_tensorrt("torch_tensorrt")
         gm = capture(self.model, args, kwargs)
         plan = analyze(gm, self.pattern, include=opts.get("include", ()), exclude=opts.get("exclude", ()))
         if not self._sparsified:
@@ -99,11 +103,12 @@ class CompiledModule(torch.nn.Module):
             self.report.plan = plan
         gm = convert(gm, self.pattern, plan=plan)
         self._sparsified = True
+        if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
+            from nmgraph.tensorrt import compile_torch_tensorrt
+
+            return compile_torch_tensorrt(gm, list(args), **opts.get("tensorrt_options", {}))
         weights = {i.name: i.axis for i in plan.layers if i.op in ("linear", "addmm")}
-        backend = "eager" if self.backend in ("eager", "tensorrt") else self.backend
-        if self.backend == "tensorrt":
-            raise UnsupportedError("nmgraph.compile(backend='tensorrt') builds engines through nmgraph.export("
-                                   "..., format='tensorrt'); use that entry point.")
+        backend = "eager" if self.backend == "eager" else self.backend
         if self._dispatcher is None:
             from nmgraph.backends.dispatch import Dispatcher
 
@@ -133,7 +138,9 @@ def compile(
     """Makes ``model`` N:M sparse and fast; lazy like ``torch.compile`` (captures on first call).
 
     ``backend``: ``"auto"`` (per layer the fastest of dense, Triton and cuSPARSELt, measured on the
-    device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights).
+    device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights),
+    ``"tensorrt"`` (Torch-TensorRT with ``sparse_weights=True``; needs ``nmgraph[tensorrt]`` and an
+    NVIDIA GPU, else :class:`BackendUnavailableError` says what to install).
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
     Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``include``,
     ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of

@@ -30,6 +30,15 @@ def test_compile_matches_pruned_reference(name):
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_compile_tensorrt_without_gpu_says_what_to_install():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(nmgraph.BackendUnavailableError, match="needs an NVIDIA GPU"):
+        nmgraph.compile(model, backend="tensorrt")(torch.randn(2, 8))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing permuted or pruned
+
+
 def test_compile_errors():
     with pytest.raises(UnsupportedError, match="backend='warp'"):
         nmgraph.compile(torch.nn.Linear(4, 4), backend="warp")
