@@ -64,7 +64,9 @@ class _Class:
 
     barriers: list[str] = field(default_factory=list)
     block: int = 0  # 0 = unconstrained
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, space index)
+    # (start, stop, space index, period): period 0 = one contiguous range; else the range repeats
+    # every `period` channels (a part of interleaved per-head channels)
+    segments: list[tuple[int, int, int, int]] = field(default_factory=list)
     repeat_of: tuple[int, int, int] | None = None  # (source space, repeats, block): repeated heads
 
 
@@ -130,18 +132,24 @@ class _Flow:
         return ra
 
     def _merge_segments(self, root: int, a: list, b: list) -> None:
-        if [(s, e) for s, e, _ in a] != [(s, e) for s, e, _ in b]:
+        if [(s, e, p) for s, e, _, p in a] != [(s, e, p) for s, e, _, p in b]:
             self.barrier(root, "channels are split or concatenated at two different offsets")
             return
-        for (_, _, x), (_, _, y) in zip(a, b):
+        for (_, _, x, _), (_, _, y, _) in zip(a, b):
             self.union(x, y, "matching concat/split segments")
 
     def finish_slices(self) -> None:
         """Turns the slices taken of a channel space into a segmentation (fused QKV read by slicing)."""
         for src, parts in self.slices.items():
             space = self.spaces[src]
+            periods = {period for *_, period in parts}
+            if len(periods) > 1:
+                self.barrier(src, f"slices of the channels of {space.node.name} along different axes")
+                continue
+            period = periods.pop()
+            outer = space.channels // period
             by_range: dict[tuple[int, int], int] = {}
-            for start, stop, idx in parts:
+            for start, stop, idx, _ in parts:
                 if (start, stop) in by_range:
                     self.union(by_range[(start, stop)], idx, "identical slices")
                 else:
@@ -150,15 +158,31 @@ class _Flow:
             if any(a[1] > b[0] for a, b in itertools.pairwise(ranges)):
                 self.barrier(src, f"overlapping slices of the channels of {space.node.name}")
                 continue
+            seg_period = 0 if outer == 1 else period
             segs, pos = [], 0
             for start, stop in ranges:
                 if start > pos:  # channels no slice reads: their own (unused) segment
-                    segs.append((pos, start, self.new(space.node, space.axes, 1, start - pos)))
-                segs.append((start, stop, by_range[(start, stop)]))
+                    segs.append((pos, start, self.new(space.node, space.axes, 1, outer * (start - pos)), seg_period))
+                segs.append((start, stop, by_range[(start, stop)], seg_period))
                 pos = stop
-            if pos < space.channels:
-                segs.append((pos, space.channels, self.new(space.node, space.axes, 1, space.channels - pos)))
+            if pos < period:
+                segs.append((pos, period, self.new(space.node, space.axes, 1, outer * (period - pos)), seg_period))
             self.segment(src, segs)
+
+    def slice_part(self, s: _Space, dim: int, start: int, stop: int, part: int) -> bool:
+        """Records that ``part`` holds indices ``start:stop`` of axis ``dim`` of space ``s``.
+
+        In the flattened channel order of ``s`` that is a run of channels repeating every
+        ``period`` channels (one run when ``dim`` is the space's major axis). False if unsupported.
+        """
+        if s.inner != 1 or dim not in s.axes:
+            return False
+        shape = _shape(s.node)
+        pos = s.axes.index(dim)
+        after = math.prod(shape[a] for a in s.axes[pos + 1 :])
+        period = shape[dim] * after
+        self.slices.setdefault(s.index, []).append((start * after, stop * after, part, period))
+        return True
 
     def barrier(self, i: int, reason: str) -> None:
         c = self.cls(i)
@@ -734,11 +758,10 @@ def _slice(flow: _Flow, node: fx.Node) -> None:
     step = node.args[4] if len(node.args) > 4 else 1
     for s in flow.spaces_of(src):
         if dim in s.axes and not full:
-            if s.axes == (dim,) and s.inner == 1 and step == 1 and isinstance(start, int):
-                start = start + size if start < 0 else min(start, size)
-                stop = start + _shape(node)[dim]
-                flow.slices.setdefault(s.index, []).append((start, stop, flow.new(node, (dim,))))
-                continue
+            if step == 1 and isinstance(start, int):
+                begin = start + size if start < 0 else min(start, size)
+                if flow.slice_part(s, dim, begin, begin + _shape(node)[dim], flow.new(node, s.axes)):
+                    continue
             flow.barrier(s.index, f"{node.name}: slices channel axis {dim}")
             continue
         flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
@@ -747,8 +770,12 @@ def _slice(flow: _Flow, node: fx.Node) -> None:
 def _select(flow: _Flow, node: fx.Node) -> None:
     src = node.args[0]
     dim = _norm(node.args[1], len(_shape(src)))
+    index = _norm(node.args[2], _shape(src)[dim])
     for s in flow.spaces_of(src):
         if dim in s.axes:
+            rest = tuple(a - (a > dim) for a in s.axes if a != dim)
+            if rest and flow.slice_part(s, dim, index, index + 1, flow.new(node, rest)):
+                continue  # e.g. BLOOM's fused [.., heads, 3, head_dim] QKV
             flow.barrier(s.index, f"{node.name}: selects along channel axis {dim}")
             continue
         flow.union(s.index, flow.new(node, tuple(a - (a > dim) for a in s.axes), s.inner), _op_name(node))
@@ -780,7 +807,7 @@ def _cat(flow: _Flow, node: fx.Node) -> None:
         segs, start = [], 0
         for p in parts:
             size = _shape(p)[dim]
-            segs.append((start, start + size, flow.at(p, (dim,))))
+            segs.append((start, start + size, flow.at(p, (dim,)), 0))
             start += size
         flow.segment(whole, segs)
 
@@ -802,17 +829,16 @@ def _split(flow: _Flow, node: fx.Node) -> None:
                 axes = s.axes if node.target is not aten.unbind.int else tuple(a - (a > dim) for a in s.axes)
                 flow.union(s.index, flow.new(u, axes, s.inner), _op_name(node))
             continue
-        if node.target is aten.unbind.int or s.axes != (dim,) or s.inner != 1 or not sizes:
-            flow.barrier(s.index, f"{node.name}: splits a multi-axis channel space")
+        if node.target is aten.unbind.int or s.inner != 1 or not sizes:
+            flow.barrier(s.index, f"{node.name}: splits a channel space it cannot follow")
             continue
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        segs = []
         by_index = {u.args[1]: u for u in outs}
-        for i, (st, sz) in enumerate(zip(starts, sizes)):
+        start = 0
+        for i, size in enumerate(sizes):
             u = by_index.get(i)
-            seg = flow.new(u, (dim,)) if u is not None else flow.new(node, (dim,))
-            segs.append((st, st + sz, seg))
-        flow.segment(s.index, segs)
+            if u is not None:  # parts nobody reads become filler segments
+                flow.slice_part(s, dim, start, start + size, flow.new(u, s.axes))
+            start += size
 
 
 def _getitem(flow: _Flow, node: fx.Node) -> None:
@@ -1185,16 +1211,16 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
     # Expand segmented classes: a member of a segmented class belongs to each segment's class with
     # an offset. Barriers of a segmented class propagate into its segments.
     roots = sorted({flow.find(i) for i in range(len(flow.spaces))})
-    # root -> [(space, offset, width, repeat, repeat_block)]
-    members_of: dict[int, list[tuple[_Space, int, int, int, int]]] = {}
+    # root -> [(space, offset, width, repeat, repeat_block, stride)]
+    members_of: dict[int, list[tuple[_Space, int, int, int, int, int]]] = {}
     for i, s in enumerate(flow.spaces):
-        members_of.setdefault(flow.find(i), []).append((s, 0, s.channels, 1, 0))
+        members_of.setdefault(flow.find(i), []).append((s, 0, s.channels, 1, 0, 0))
 
     def resolve(root: int, depth: int = 0) -> None:
         c = flow.info[root]
         if not c.segments or depth > 32:
             return
-        for start, _stop, seg in c.segments:
+        for start, _stop, seg, period in c.segments:
             sroot = flow.find(seg)
             if sroot == root:
                 flow.barrier(root, "a channel space is concatenated with itself")
@@ -1202,9 +1228,12 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
             for r in c.barriers:
                 flow.barrier(sroot, f"part of a concatenation that {r}")
             # members of this class restricted to the segment
-            for s, off, _width, rep, rblock in members_of.get(root, []):
-                if s.node.op == "get_attr":
-                    members_of.setdefault(sroot, []).append((s, off + start, _stop - start, rep, rblock))
+            for s, off, _width, rep, rblock, stride in members_of.get(root, []):
+                if s.node.op != "get_attr":
+                    continue
+                if (period or stride) and (rep != 1 or stride or off or s.inner != 1):
+                    flow.barrier(sroot, "interleaved channels that are also repeated, offset or flattened")
+                members_of.setdefault(sroot, []).append((s, off + start, _stop - start, rep, rblock, period))
             if c.block and (start % c.block or (_stop - start) % c.block):
                 flow.barrier(sroot, "concat/split offsets cut through a block")
             resolve(sroot, depth + 1)
@@ -1227,11 +1256,11 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
         owner[r] = sroot
         for reason in c.barriers:
             flow.barrier(sroot, f"its repeated heads: {reason}")
-        for s, off, width, rep, _ in members_of.get(r, []):
+        for s, off, width, rep, _, stride in members_of.get(r, []):
             if s.node.op == "get_attr":
-                if rep != 1 or off:
+                if rep != 1 or off or stride:
                     flow.barrier(sroot, "repeated heads that are also concatenated or repeated again")
-                members_of.setdefault(sroot, []).append((s, 0, width // repeat, repeat, block))
+                members_of.setdefault(sroot, []).append((s, 0, width // repeat, repeat, block, 0))
         members_of[r] = [x for x in members_of.get(r, []) if x[0].node.op != "get_attr"]
         c.barriers = c.barriers or ["channels are repeated heads (listed with their source group)"]
 
@@ -1252,12 +1281,15 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
             continue
         mems: dict[tuple, Member] = {}
         size = flow.spaces[r].channels
-        for s, off, width, rep, rblock in members_of.get(r, []):
+        for s, off, width, rep, rblock, stride in members_of.get(r, []):
             if s.node.op != "get_attr" or s.node.target not in tensors or len(s.axes) != 1:
                 continue
             t = tensors[s.node.target]
             name = canonical.get(id(t), s.node.target)
-            m = Member(name, s.axes[0], off * s.inner, (off + width * rep) * s.inner, s.inner, rep, rblock)
+            if stride:  # a run of `width` channels at `off` in every period of `stride`
+                m = Member(name, s.axes[0], off, off + width, 1, 1, 0, stride)
+            else:
+                m = Member(name, s.axes[0], off * s.inner, (off + width * rep) * s.inner, s.inner, rep, rblock)
             mems[(name, m.axis, off)] = m
         if not mems:
             continue

@@ -65,7 +65,9 @@ class Member:
     conv's channels are flattened into a Linear's input). ``repeat > 1``: the tensor holds every
     block of ``repeat_block`` channels ``repeat`` times in a row, each copy permuted like its
     block (grouped-query attention: a key/value head serves ``repeat`` query heads, so ``o_proj``
-    columns and ``q_proj`` rows follow the permutation of their shared K/V head). Iterates as
+    columns and ``q_proj`` rows follow the permutation of their shared K/V head). ``stride > 0``:
+    the group's channels sit in runs of ``stop - start`` starting at ``start`` and every ``stride``
+    indices (Q, K and V interleaved per head in one fused projection). Iterates as
     ``(name, axis)``.
     """
 
@@ -76,6 +78,7 @@ class Member:
     inner: int = 1
     repeat: int = 1
     repeat_block: int = 0
+    stride: int = 0
 
     def __iter__(self) -> Iterator:
         return iter((self.name, self.axis))

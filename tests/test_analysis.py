@@ -512,6 +512,8 @@ def _more_architectures():
         "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(**_lm_kwargs(), num_key_value_heads=2, head_dim=16,
                                                            **special)), ids, 1.0),
         "phi3": (lambda: t.Phi3ForCausalLM(t.Phi3Config(**_lm_kwargs(), num_key_value_heads=2, **special)), ids, 1.0),
+        "gpt-neox": (lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**_lm_kwargs(), use_cache=False, bos_token_id=0,
+                                                                  eos_token_id=0)), ids, 1.0),
         "distilbert": (lambda: t.DistilBertForSequenceClassification(t.DistilBertConfig(
             vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, pad_token_id=0)),
             ids, 1.0),
@@ -524,7 +526,7 @@ def _more_architectures():
     }
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma", "phi3", "distilbert", "opt", "t5-encoder"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma", "phi3", "gpt-neox", "distilbert", "opt", "t5-encoder"])
 def test_more_architectures(name):
     factory, ids, fraction = _more_architectures()[name]
     torch.manual_seed(0)
@@ -553,3 +555,29 @@ def test_slices_of_channels_are_segments():
     fused_q = next(m for m in gq.members if m.name == "fused.weight")
     assert (fused_p.start, fused_p.stop, fused_q.start, fused_q.stop) == (0, 8, 12, 28)
     assert gp.consumers == ("p.weight",) and gq.consumers == ("q.weight",)
+
+
+class InterleavedQKV(nn.Module):
+    """One projection holding Q, K and V interleaved per head ([.., heads, 3 * head_dim]), GPT-NeoX style."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h, self.hd = h, d // h
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        qkv = self.qkv(x).view(b, s, self.h, 3 * self.hd).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, s, d))
+
+
+def test_interleaved_per_head_qkv():
+    plan = _check(InterleavedQKV(), torch.randn(2, 5, 32), seeds=(0, 1, 2), include=["o"])
+    vo = _group_with(plan, "o.weight", 1)
+    assert vo.size == 32 and vo.block == 8 and vo.consumers == ("o.weight",)
+    fused = next(m for m in vo.members if m.name == "qkv.weight")
+    assert (fused.start, fused.stop, fused.stride) == (16, 24, 24)  # V: 8 channels of every 24 per head
+    qk = _group_with(plan, "qkv.weight", 0)
+    assert {(m.start, m.stride) for m in qk.members if m.name == "qkv.weight"} == {(0, 24), (8, 24)}

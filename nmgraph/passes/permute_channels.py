@@ -96,7 +96,19 @@ def _expand_repeat(m: Member, perm: torch.Tensor) -> torch.Tensor:
     return (copies.unsqueeze(-1) * b + local.unsqueeze(1)).flatten()
 
 
+def _member_positions(m: Member, size: int, device) -> torch.Tensor:
+    """Indices along ``m.axis`` of a strided member's channels, in the group's channel order."""
+    chunk = m.stop - m.start
+    c = torch.arange(size, device=device)
+    return m.start + (c // chunk) * m.stride + c % chunk
+
+
 def _member_index(m: Member, perm: torch.Tensor, dim: int) -> torch.Tensor:
+    if m.stride:
+        pos = _member_positions(m, perm.numel(), perm.device)
+        idx = torch.arange(dim, device=perm.device)
+        idx[pos] = pos[perm.to(torch.long)]
+        return idx
     perm = _expand_repeat(m, perm.to(torch.long))
     seg = (perm.unsqueeze(1) * m.inner + torch.arange(m.inner, device=perm.device)).flatten() + m.start
     stop = m.start + perm.numel() * m.inner
@@ -119,8 +131,12 @@ def apply_permutation(gm: fx.GraphModule, group: PermutationGroup, perm: torch.T
                     f"group {group.id} names {m.name!r}, which this graph module does not have; the plan "
                     "was made for another graph. Re-run nmgraph.analyze on this graph."
                 )
-            stop = m.start + group.size * m.inner * m.repeat
-            if m.axis >= t.dim() or t.shape[m.axis] < stop or (m.stop is not None and m.stop != stop):
+            if m.stride:
+                stop = int(_member_positions(m, group.size, "cpu").max()) + 1 if group.size else 0
+            else:
+                stop = m.start + group.size * m.inner * m.repeat
+            if m.axis >= t.dim() or t.shape[m.axis] < stop or (
+                    m.stop is not None and not m.stride and m.stop != stop):
                 raise PlanError(
                     f"group {group.id} expects {m.name!r} to hold channels {m.start}:{stop} of axis {m.axis}, "
                     f"but it has shape {tuple(t.shape)}; the plan was made for another graph. Re-run "
