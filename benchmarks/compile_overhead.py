@@ -10,27 +10,15 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import median_ms
 
 import nmgraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def bench(fn, repeats: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -48,9 +36,10 @@ def main() -> None:
     with torch.no_grad():
         fast(*args)
         fast_inductor(*args)
-        d = bench(lambda: dense(*args), a.repeats)
-        f = bench(lambda: fast(*args), a.repeats)
-        fi = bench(lambda: fast_inductor(*args), a.repeats)
+        cpu = torch.device("cpu")
+        d = median_ms(lambda: dense(*args), cpu, reps=a.repeats, warmup=20)
+        f = median_ms(lambda: fast(*args), cpu, reps=a.repeats, warmup=20)
+        fi = median_ms(lambda: fast_inductor(*args), cpu, reps=a.repeats, warmup=20)
     print(f"tiny Llama (2 layers, 64 hidden), batch 2 x 8 tokens, 1 thread, median of {a.repeats}")
     print(f"dense eager            {d:7.3f} ms  1.00x")
     print(f"nmgraph.compile        {f:7.3f} ms  {d / f:.2f}x")

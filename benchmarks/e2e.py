@@ -23,12 +23,11 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,18 +55,7 @@ def logits(out):
 
 def bench(fn, device: torch.device, reps: int) -> float:
     """Median milliseconds per call."""
-    with torch.no_grad():
-        if device.type == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median"))
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    return median_ms(fn, device, reps=reps, cuda_warmup_ms=10, cuda_rep_ms=200)
 
 
 def sparsify(model, ids, pattern: str, use_compile: bool, inductor: bool = False):

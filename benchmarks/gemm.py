@@ -27,13 +27,12 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,18 +51,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def bench(fn, device: torch.device, *, quick: bool) -> float:
     """Median milliseconds per call."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    reps = 5 if quick else 30
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, device, reps=5 if quick else 30)
 
 
 def pruned(n: int, k: int, pattern: str, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
