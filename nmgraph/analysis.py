@@ -314,14 +314,6 @@ def _norm(dim: int, ndim: int) -> int:
     return dim % ndim if ndim else 0
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    out = []
-    for a in node.all_input_nodes:
-        if _val(a) is not None or a.op == "get_attr":
-            out.append(a)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Op rules. Each rule(flow, node) registers the output spaces of ``node`` and the unions it implies.
 # --------------------------------------------------------------------------------------------------
@@ -735,7 +727,7 @@ def _expand(flow: _Flow, node: fx.Node) -> None:
         flow.union(s.index, flow.new(node, tuple(a + shift for a in s.axes), s.inner), _op_name(node))
 
 
-def _squeeze(flow: _Flow, node: fx.Node) -> _Flow | None:
+def _squeeze(flow: _Flow, node: fx.Node) -> None:
     src = node.args[0]
     ins = _shape(src)
     dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(ins) if s == 1]
@@ -745,7 +737,6 @@ def _squeeze(flow: _Flow, node: fx.Node) -> _Flow | None:
     for s in flow.spaces_of(src):
         axes = tuple(a - sum(d < a for d in dims) for a in s.axes)
         flow.union(s.index, flow.new(node, axes, s.inner), _op_name(node))
-    return None
 
 
 def _slice(flow: _Flow, node: fx.Node) -> None:
@@ -920,10 +911,9 @@ _UNARY = [
     aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
     aten.alias.default, aten.detach.default, aten.hardtanh.default, aten.hardtanh_.default,
     aten.leaky_relu.default, aten.elu.default, aten.softplus.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.mish.default, aten.relu6.default if hasattr(aten, "relu6") else aten.relu.default,
+    aten.hardsigmoid.default, aten.mish.default,
     aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.clamp.default,
-    aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default, aten.float.default
-    if hasattr(aten, "float") else aten.clone.default, aten.lift_fresh_copy.default,
+    aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default, aten.lift_fresh_copy.default,
     aten.gelu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.dropout_.default,
     aten.feature_dropout.default, aten.alpha_dropout.default,
 ]
@@ -940,10 +930,11 @@ _REDUCE = [
 ]
 _SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
               aten.tensor_split.indices, aten.split.sizes)
-_NORM_TUPLE_OPS = (aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default,
+# ops returning a tuple whose first element carries the input's channels (the rest: statistics, masks)
+_NORM_TUPLE_OPS = (aten.native_dropout.default, aten._native_batch_norm_legit_no_training.default,
+                   aten.native_batch_norm.default,
                    aten._native_batch_norm_legit.default, aten.native_layer_norm.default,
                    aten.native_group_norm.default, aten._native_batch_norm_legit_functional.default)
-_POOLING_OVER_MAX = (aten.max_pool2d.default, aten.max_pool1d.default)
 
 OP_RULES: dict[object, Rule] = {
     **{op: _pass_through for op in _UNARY},
