@@ -121,3 +121,21 @@ def test_greedy_search_raises_kept_magnitude_end_to_end():
         after = sum(report.kept_after[c] for c in consumers)
         assert after > before
     torch.testing.assert_close(first_tensor(model(*args)).detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_verification_leaves_training_mode_buffers_alone():
+    """A graph captured in training mode updates BatchNorm statistics; verifying must not."""
+    from .test_analysis import ConvNet, _randomize_bn
+
+    model = _randomize_bn(ConvNet("bn")).train()
+    x = torch.randn(2, 4, 8, 8)
+    gm = nmgraph.capture(model, (x,))
+    plan = nmgraph.analyze(gm, "2:4")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    report = nmgraph.permute(gm, plan, search="random", seed=0)
+    assert report.permuted
+    norm_group = next(g for g in plan.groups if any(m.name == "norm.running_mean" for m in g.members))
+    perm = report.perms[norm_group.id]
+    assert torch.equal(model.norm.running_mean, before["norm.running_mean"][perm])  # permuted, not updated
+    assert torch.equal(model.norm.running_var, before["norm.running_var"][perm])
+    assert torch.equal(model.norm.num_batches_tracked, before["norm.num_batches_tracked"])

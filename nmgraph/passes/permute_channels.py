@@ -151,9 +151,20 @@ def apply_permutation(gm: fx.GraphModule, group: PermutationGroup, perm: torch.T
 
 
 def _outputs(gm: fx.GraphModule, args, kwargs) -> list[torch.Tensor]:
+    """The graph's floating-point outputs, leaving no trace: same RNG stream, buffers restored.
+
+    A graph captured in training mode updates BatchNorm running statistics when it runs; the
+    verification runs must not, so every buffer is put back afterwards.
+    """
+    buffers = [b for _, b in gm.named_buffers(remove_duplicate=True)]
+    saved = [b.detach().clone() for b in buffers]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        out = gm(*args, **kwargs)
+        try:
+            out = gm(*args, **kwargs)
+        finally:
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
     leaves = pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
     return [x.detach().clone() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
