@@ -608,38 +608,32 @@ def _permute(flow: _Flow, node: fx.Node) -> None:
 
 def _reshape_chunks(ins: Sequence[int], outs: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
     """Minimal runs of input and output axes with equal products (the view algorithm)."""
+    dims = (ins, outs)
+    pos = [0, 0]
     chunks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(ins) or j < len(outs):
-        ci, cj = [], []
-        pi = pj = 1
-        if i < len(ins):
-            ci.append(i)
-            pi *= ins[i]
-            i += 1
-        if j < len(outs):
-            cj.append(j)
-            pj *= outs[j]
-            j += 1
-        while pi != pj:
-            if pi < pj and i < len(ins):
-                ci.append(i)
-                pi *= ins[i]
-                i += 1
-            elif j < len(outs):
-                cj.append(j)
-                pj *= outs[j]
-                j += 1
-            else:
+
+    def take(side: int, chunk: tuple[list[int], list[int]]) -> int:
+        """Moves the next axis of ``side`` (0: input, 1: output) into ``chunk``; returns its size."""
+        chunk[side].append(pos[side])
+        pos[side] += 1
+        return dims[side][pos[side] - 1]
+
+    def left(side: int) -> bool:
+        return pos[side] < len(dims[side])
+
+    while left(0) or left(1):
+        chunk: tuple[list[int], list[int]] = ([], [])
+        prod = [take(side, chunk) if left(side) else 1 for side in (0, 1)]
+        while prod[0] != prod[1]:
+            side = 0 if prod[0] < prod[1] and left(0) else 1
+            if not left(side):
                 return None
-        # fold trailing size-1 axes into this chunk
-        while i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
-            ci.append(i)
-            i += 1
-        while j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
-            cj.append(j)
-            j += 1
-        chunks.append((ci, cj))
+            prod[side] *= take(side, chunk)
+        for side in (0, 1):  # fold trailing size-1 axes into this chunk
+            other = 1 - side
+            while left(side) and dims[side][pos[side]] == 1 and (not left(other) or dims[other][pos[other]] != 1):
+                take(side, chunk)
+        chunks.append(chunk)
     return chunks
 
 
