@@ -19,6 +19,7 @@ from torch import fx
 from nmgraph.capture import capture
 from nmgraph.errors import UnsupportedError
 from nmgraph.pattern import Pattern, PatternLike
+from nmgraph.plan import Skip
 
 __all__ = ["CompiledModule", "compile", "nmgraph_backend"]
 
@@ -116,6 +117,15 @@ class CompiledModule(torch.nn.Module):
         result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=backend,
                                                       dispatcher=self._dispatcher,
                                                       strict=opts.get("strict", False)))
+        for info in plan.layers:  # pruned, but no sparse kernel reads this op: say so
+            if info.name not in weights:
+                why = (f"{info.op} ({info.node}): nmgraph has no sparse kernel for this op; it runs its folded "
+                       f"{self.pattern} weight densely")
+                if opts.get("strict", False):
+                    from nmgraph.errors import StrictModeError
+
+                    raise StrictModeError(f"{info.name}: {why}. Pass strict=False to accept dense execution.")
+                result.skipped.append(Skip(info.name, why))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
         if opts.get("inductor", False):

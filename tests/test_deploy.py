@@ -96,3 +96,18 @@ def test_compile_train_mode_returns_prepared_graph():
         h = torch.relu(x @ (model[0].weight * nmgraph.nm_mask(model[0].weight, "2:4")).T + model[0].bias)
         h = torch.relu(h @ (model[2].weight * nmgraph.nm_mask(model[2].weight, "2:4")).T + model[2].bias)
         torch.testing.assert_close(out.detach(), model[4](h), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_reports_pruned_layers_without_a_sparse_kernel():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    fast = nmgraph.compile(model, "2:4", time_limit=1.0)
+    out = fast(x)
+    assert nmgraph.is_nm(model[2].weight, "2:4")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    reasons = dict(next(iter(fast.report.lowerings.values())).skipped)
+    assert "no sparse kernel for this op" in reasons["0.weight"] and "conv" in reasons["2.weight"]
+    with pytest.raises(nmgraph.StrictModeError, match=r"0\.weight: conv .*no sparse kernel"):
+        nmgraph.compile(copy.deepcopy(model), "2:4", permute=False, strict=True)(x)

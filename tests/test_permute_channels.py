@@ -28,6 +28,7 @@ def test_explicit_perms_move_every_member():
     perm = torch.arange(16).flip(0)
     report = nmgraph.permute(gm, plan, perms={g.id: perm})
     assert report.permuted == [g.id]
+    assert [s.name for s in report.skipped] == [f"group {o.id}" for o in plan.groups if o.id != g.id]
     assert torch.equal(model[0].weight, ref[0].weight[perm])
     assert torch.equal(model[0].bias, ref[0].bias[perm])
     assert torch.equal(model[2].weight, ref[2].weight[:, perm])

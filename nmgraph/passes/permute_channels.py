@@ -263,6 +263,8 @@ def permute(
         if perms is not None:
             if g.id in perms:
                 chosen[g.id] = torch.as_tensor(perms[g.id], dtype=torch.long)
+            else:
+                report.skipped.append(Skip(f"group {g.id}", "no permutation given for it in perms"))
             continue
         if search == "none":
             continue
