@@ -11,23 +11,14 @@ from nmgraph import report
 from nmgraph.errors import UnsupportedError
 from nmgraph.passes.permute_channels import permute
 
+from .test_cli import Tiny  # the same three-layer MLP the CLI tests load through a factory
+
 pytest.importorskip("rich")
-
-
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(16, 32)
-        self.fc2 = torch.nn.Linear(32, 32)
-        self.head = torch.nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 def _setup():
     torch.manual_seed(0)
-    model = _Net().eval()
+    model = Tiny().eval()
     x = torch.randn(8, 16)
     gm = nmgraph.capture(model, (x,))
     return model, x, gm, nmgraph.analyze(gm, "2:4")
