@@ -100,7 +100,8 @@ class CompiledModule(torch.nn.Module):
         if not self._sparsified:
             if opts.get("permute", True):
                 self.report.permute = permute(gm, plan, search=opts.get("search", "greedy"),
-                                              seed=opts.get("seed", 0), time_limit=opts.get("time_limit"))
+                                              seed=opts.get("seed", 0), time_limit=opts.get("time_limit"),
+                                              progress=opts.get("progress", False))
             self.report.plan = plan
         gm = convert(gm, self.pattern, plan=plan)
         self._sparsified = True
@@ -152,7 +153,7 @@ def compile(
     ``"tensorrt"`` (Torch-TensorRT with ``sparse_weights=True``; needs ``nmgraph[tensorrt]`` and an
     NVIDIA GPU, else :class:`BackendUnavailableError` says what to install).
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
-    Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``include``,
+    Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``progress``, ``include``,
     ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of
     the per-layer backend measurements), ``inductor`` (compile the lowered graph with inductor,
     which removes the per-node Python overhead of the captured graph; positional inputs only). ``result.report`` tells what was done after the first call.

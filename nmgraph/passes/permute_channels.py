@@ -198,7 +198,8 @@ def _score_matrix(gm: fx.GraphModule, group: PermutationGroup, score: Mapping[st
     return torch.cat(rows) if rows else None
 
 
-def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, time_limit, gen):
+def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, time_limit, gen,
+            progress: bool = False):
     if search == "random":
         return group.random_permutation(gen), None
     try:
@@ -208,7 +209,11 @@ def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, ti
     # one intra-op thread: the search is a long chain of mid-sized ops (measured 5-15x faster on a
     # small or busy CPU); search_permutation restores torch's setting afterwards
     result = search_permutation(matrix, pattern, method=search, block=group.block, seed=seed,
-                                time_limit=time_limit, threads=1 if matrix.device.type == "cpu" else None)
+                                time_limit=time_limit, threads=1 if matrix.device.type == "cpu" else None,
+                                progress=progress)
+    log.info("group %d (%d channels, %d score rows): kept %.4f -> %.4f in %.2f s", group.id, group.size,
+             matrix.shape[0], result.kept_identity / max(result.total, 1e-30), result.kept / max(result.total, 1e-30),
+             result.seconds)
     return result.perm.cpu(), result
 
 
@@ -224,13 +229,15 @@ def permute(
     example_kwargs: Mapping[str, Any] | None = None,
     verify: bool = True,
     score: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> PermuteReport:
     """Reorders the channels of every permutation group of ``plan`` in ``gm``, in place.
 
     ``search``: ``"none"`` (identity), ``"random"`` (a uniformly random valid permutation; for
     testing equivalence, it may lower kept magnitude), ``"greedy"`` or ``"exhaustive"`` (maximise
     kept magnitude, see :mod:`nmgraph.permutation_search`; a group is only changed if its consumers
-    keep more). ``time_limit`` (seconds) bounds the whole search, shared among the groups.
+    keep more). ``time_limit`` (seconds) bounds the whole search, shared among the groups;
+    ``progress=True`` shows a progress bar per group (each group is also logged at INFO).
     ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
     weight names to saliency tensors used instead of ``|w|``.
 
@@ -276,7 +283,7 @@ def permute(
         if time_limit is not None:  # the total budget is shared by the groups still to search
             left = max(time_limit - (time.perf_counter() - start), 0.0)
             budget = left / max(1, len(searched) - searched.index(g)) if g in searched else left
-        perm, result = _search(g, matrix, plan.pattern, search, seed, budget, gen)
+        perm, result = _search(g, matrix, plan.pattern, search, seed, budget, gen, progress)
         if result is not None:
             report.efficacy[g.id] = result.efficacy
             if result.kept <= result.kept_identity:
