@@ -4,6 +4,7 @@
     python benchmarks/permutation_search.py --quick    # under a minute, for CI-like use
     python benchmarks/permutation_search.py --converge --log  # 4096x4096 greedy to convergence (minutes)
     python benchmarks/permutation_search.py --seeds 8  # 256x256 2:4 greedy on 8 matrix seeds
+    python benchmarks/permutation_search.py --optimum  # exact optimum vs rows, 8-16 channels (minutes)
 
 Every matrix is seeded (i.i.d. |N(0, 1)| unless marked Student-t, |t(3)|). "kept %" is the share of
 the total magnitude that N:M pruning keeps, "gain %" the relative kept gain over the identity,
@@ -27,6 +28,7 @@ import time
 
 import torch
 
+from nmgraph._search_kernels import distinct_partitions
 from nmgraph.pattern import Pattern
 from nmgraph.permutation_search import kept_score, search_permutation, unstructured_bound
 
@@ -117,6 +119,33 @@ def run_plain(rows, cols, pattern, *, seed=0, time_limit=120.0):
     }
 
 
+def optimum_table(cols_list=(8, 12, 16), rows_list=(16, 64, 256, 1024, 4096), seeds=5) -> None:
+    """Efficacy of the exact optimum (every distinct partition of the columns into stripes of 4).
+
+    For a fixed channel count, this is the best any permutation can do; printed against the number
+    of rows it shows how the reachable efficacy itself falls as rows grow.
+    """
+    print(f"| {'channels':>8} | {'rows':>6} | {'optimum efficacy %':>18} | {'greedy efficacy %':>17} | {'partitions':>10} |")
+    print(f"|{'-' * 10}|{'-' * 8}|{'-' * 20}|{'-' * 19}|{'-' * 12}|")
+    for cols in cols_list:
+        subsets, parts = distinct_partitions(4, cols // 4)
+        for rows in rows_list:
+            opt, greedy = [], []
+            for seed in range(seeds):
+                w = make_matrix(rows, cols, seed).double()
+                # kept score of every 4-subset: sum over rows of its top 2
+                kept_sub = w[:, subsets].topk(2, dim=2).values.sum(dim=(0, 2))
+                best = float(kept_sub[parts].sum(1).max())
+                ident, bound = kept_score(w, "2:4"), unstructured_bound(w, "2:4")
+                opt.append((best - ident) / (bound - ident))
+                greedy.append(search_permutation(w.float(), "2:4", method="greedy", seed=0).efficacy)
+            print(
+                f"| {cols:>8} | {rows:>6} | {100 * statistics.mean(opt):18.2f} | {100 * statistics.mean(greedy):17.2f} "
+                f"| {parts.shape[0]:>10} |",
+                flush=True,
+            )
+
+
 HEAD = (
     f"| {'shape':<16} | {'pattern':<7} | {'method':<30} | {'kept %':>8} | {'gain %':>8} | {'efficacy %':>10} "
     f"| {'seconds':>8} | {'CPU s':>8} |"
@@ -142,6 +171,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--log", action="store_true", help="log every sweep of the search to stderr")
     ap.add_argument("--seeds", type=int, default=0, help="only 256x256 2:4 greedy on this many matrix seeds")
+    ap.add_argument(
+        "--optimum", action="store_true", help="exact optimum efficacy against rows for 8, 12 and 16 channels"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.log:
@@ -153,6 +185,10 @@ def main(argv=None) -> int:
         f"| {os.cpu_count()} CPUs | torch threads {torch.get_num_threads()} | repeats {repeats}"
     )
     start = time.perf_counter()
+    if args.optimum:
+        optimum_table()
+        print(f"# total {time.perf_counter() - start:.1f}s")
+        return 0
     cases = []
     if args.converge:
         cases += [(4096, 4096, "2:4", "greedy", {"max_regressions": 0})]
