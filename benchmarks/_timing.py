@@ -29,3 +29,26 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 30,
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int = 30,
+                          warmup: int = 1, **cuda_kwargs: int) -> dict[str, float]:
+    """Median milliseconds per call of each of ``fns``, their calls interleaved on a CPU.
+
+    On a shared CPU, load from other processes comes and goes over seconds; timing one function's
+    repeats after the other's puts that drift into the ratio. Alternating the calls (A, B, A, B, ...)
+    gives every function the same conditions. CUDA timings use :func:`median_ms` per function.
+    """
+    if device.type == "cuda":
+        return {k: median_ms(f, device, reps=reps, **cuda_kwargs) for k, f in fns.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -19,6 +19,7 @@ it, else from ``capture`` + magnitude pruning + ``lower_linears``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _timing import median_ms
+from _timing import interleaved_median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,9 +54,9 @@ def logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def bench(fn, device: torch.device, reps: int) -> float:
-    """Median milliseconds per call."""
-    return median_ms(fn, device, reps=reps, cuda_warmup_ms=10, cuda_rep_ms=200)
+def bench(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
+    """Median milliseconds per call of each function (calls interleaved on a CPU)."""
+    return interleaved_median_ms(fns, device, reps=reps, cuda_warmup_ms=10, cuda_rep_ms=200)
 
 
 def sparsify(model, ids, pattern: str, use_compile: bool, inductor: bool = False):
@@ -103,10 +104,10 @@ def main(argv=None) -> None:
         model = build(cfg, dtype, device)
         n_params = sum(p.numel() for p in model.parameters())
         ids = torch.randint(0, cfg["vocab_size"], (batch, 1), device=device)
-        dense_fn = torch.compile(model) if args.inductor else model
+        dense_model = copy.deepcopy(model)  # timed beside the nmgraph model, calls interleaved
+        dense_fn = torch.compile(dense_model) if args.inductor else dense_model
         with torch.no_grad():
             dense_fn(ids)  # compile outside the timed region
-        dense_ms = bench(lambda m=dense_fn, i=ids: m(i), device, args.reps)
         fast, path, lowering = sparsify(model, ids, args.pattern, not args.no_compile, args.inductor)
         with torch.no_grad():  # the model's weights are now the pruned ones: same function
             ref, out = logits(model(ids)), logits(fast(ids))
@@ -114,7 +115,10 @@ def main(argv=None) -> None:
         scale = ref.float().abs().max().item() or 1.0
         if err > 2e-2 * scale:
             raise SystemExit(f"nmgraph output differs from the pruned dense model by {err:.3g} (scale {scale:.3g})")
-        nm_ms = bench(lambda f=fast, i=ids: f(i), device, args.reps)
+        ms = bench({"dense": lambda m=dense_fn, i=ids: m(i), "nmgraph": lambda f=fast, i=ids: f(i)}, device,
+                   args.reps)
+        dense_ms, nm_ms = ms["dense"], ms["nmgraph"]
+        del dense_model, dense_fn
         lowered = len(lowering.changed_nodes)
         rows.append({"batch": batch, "dense_ms": dense_ms, "nmgraph_ms": nm_ms, "ratio": dense_ms / nm_ms,
                      "lowered": lowered, "left_dense": len(lowering.skipped), "path": path, "params": n_params,

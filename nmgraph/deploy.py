@@ -36,6 +36,10 @@ class CompileReport:
     plan: Any = None
     permute: Any = None
     lowerings: dict[tuple, Any] = field(default_factory=dict)
+    #: per signature, what a call runs: "graph" (the lowered graph), "inductor" (it, compiled) or
+    #: "model" (no GEMM was lowered, so the model's own forward runs: its weights are the pruned,
+    #: permuted ones and the captured graph would only add per-node Python overhead)
+    runs: dict[tuple, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         parts = [str(self.plan)] if self.plan is not None else []
@@ -43,7 +47,9 @@ class CompileReport:
             parts.append(str(self.permute))
         for sig, result in self.lowerings.items():
             lowered = len(result.changed_nodes)
-            parts.append(f"signature {sig}: {lowered} GEMMs lowered, {len(result.skipped)} left dense:")
+            runs = {"model": "runs the model's own forward with its pruned weights",
+                    "inductor": "runs the lowered graph compiled by inductor"}.get(self.runs.get(sig), "runs the lowered graph")
+            parts.append(f"signature {sig}: {lowered} GEMMs lowered, {len(result.skipped)} left dense; {runs}:")
             parts.extend(f"  {s.name}: {s.reason}" for s in result.skipped)
         return "\n".join(parts)
 
@@ -66,7 +72,7 @@ class CompiledModule(torch.nn.Module):
         self.mode = mode
         self.options = options
         self.report = CompileReport()
-        self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._graphs: dict[tuple, Any] = {}  # per signature: lowered graph, inductor callable or the model
         self._sparsified = False
         self._dispatcher = None  # one per compiled model: measurements are shared across signatures
 
@@ -78,7 +84,9 @@ class CompiledModule(torch.nn.Module):
             self._graphs[sig] = gm
         return gm(*args, **kwargs)
 
-    def _build(self, args, kwargs, sig) -> fx.GraphModule:
+    def _build(self, args, kwargs, sig, *, lowered_only: bool = False) -> Any:
+        """Runs the pipeline for one input signature; returns what calls with it run (or, with
+        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
         from nmgraph.analysis import analyze
         from nmgraph.passes.permute_channels import permute
 
@@ -129,13 +137,23 @@ class CompiledModule(torch.nn.Module):
                 result.skipped.append(Skip(info.name, why))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
+        if lowered_only:
+            return result.gm
         if opts.get("inductor", False):
             if kwargs:
                 raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
                                        "compiled module without keyword arguments or leave inductor off.")
             from torch._inductor.compile_fx import compile_fx
 
+            self.report.runs[sig] = "inductor"
             return compile_fx(result.gm, list(args))
+        if not result.changed_nodes:
+            # Nothing runs a sparse kernel (always so on a CPU): the model's own parameters already hold
+            # the permuted, pruned weights (capture shares them), so its eager forward computes what
+            # the graph computes, without running ~10 aten nodes per layer one by one in Python.
+            self.report.runs[sig] = "model"
+            return self.model
+        self.report.runs[sig] = "graph"
         return result.gm
 
 
@@ -203,7 +221,7 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     bound, real_idx = _bind_parameters(gm, example_inputs)
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]
-    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}))
+    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True)
     runner: Any = lowered
     if use_inductor:
         from torch._inductor.compile_fx import compile_fx

@@ -26,8 +26,28 @@ def test_compile_matches_pruned_reference(name):
     lowering = next(iter(fast.report.lowerings.values()))
     assert len(lowering.skipped) == sum(i.op == "linear" for i in plan.layers)  # CPU: dense, each with reason
     assert all("CPU" in s.reason for s in lowering.skipped)
-    out2 = first_tensor(fast(*args))  # cached graph, same result
+    # nothing lowered on a CPU: calls run the model's own forward, and the lowered graph (kept in the
+    # report, what export reads) computes the same function
+    assert list(fast.report.runs.values()) == ["model"]
+    assert "runs the model's own forward" in str(fast.report)
+    torch.testing.assert_close(first_tensor(lowering.gm(*args)), out, rtol=1e-5, atol=1e-5)
+    out2 = first_tensor(fast(*args))  # cached, same result
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+
+def test_compile_runs_the_lowered_graph_when_a_layer_is_lowered():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(5, 32)
+    fast = nmgraph.compile(model, "2:4", backend="triton", include=["2"], time_limit=1.0)
+    out = fast(x)
+    lowering = next(iter(fast.report.lowerings.values()))
+    assert len(lowering.changed_nodes) == 2 and list(fast.report.runs.values()) == ["graph"]
+    ops = [str(n.target) for n in lowering.gm.graph.nodes if n.op == "call_function"]
+    assert sum("nm_linear" in t for t in ops) == 2
+    with torch.no_grad():
+        ref = model(x)  # the pruned model, eagerly
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
