@@ -90,7 +90,11 @@ def main() -> None:
     print(f"nmgraph.compile: max difference to the pruned graph {(out - pruned).abs().max().item():.1e}")
     lowering = next(iter(fast.report.lowerings.values()))
     print(f"  {len(lowering.changed_nodes)} GEMMs on sparse kernels, {len(lowering.skipped)} kept dense; "
-          f"first reason: {lowering.skipped[0].reason if lowering.skipped else '-'}\n")
+          f"first reason: {lowering.skipped[0].reason if lowering.skipped else '-'}")
+    runs = next(iter(fast.report.runs.values()))
+    what = {"model": "the model's own forward (nothing lowered)", "graph": "the lowered graph",
+            "inductor": "the lowered graph compiled by inductor"}[runs]
+    print(f"  calls run {what}\n")
 
     # 7. Export: ONNX, verified with onnxruntime, checked for the pattern TensorRT reads
     with tempfile.TemporaryDirectory() as tmp:
