@@ -25,6 +25,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -219,6 +220,8 @@ class _Flow:
         idx = self.new(node, axes, inner)
         if node.op == "get_attr":
             return idx  # a parameter or buffer: it simply becomes a member
+        if _constant_along(node, tuple(axes)):
+            return idx  # equal values along these axes (broadcast from size 1, a fill): any order is the same
         src = _backward_source(node, tuple(axes))
         if src is not None:  # e.g. an expanded or cast parameter (ViT's cls_token)
             self.union(idx, self.at(src[0], src[1], inner), _op_name(node))
@@ -257,6 +260,24 @@ def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
         if mapped and all(0 <= a < len(in_shape) and in_shape[a] == out_shape[b] for a, b in zip(mapped, axes)):
             return src, mapped
     return None
+
+
+_FILL_OPS = (aten.full.default, aten.ones.default, aten.zeros.default, aten.full_like.default,
+             aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default)
+
+
+def _constant_along(node: fx.Node, axes: Axes) -> bool:
+    """Whether ``node``'s values do not change along ``axes``: an ``expand`` / ``expand_as`` of
+    size-1 (or new) axes, or a tensor filled with one value."""
+    if node.op != "call_function":
+        return False
+    if node.target in _FILL_OPS:
+        return True
+    if node.target not in (aten.expand.default, aten.expand_as.default) or not isinstance(node.args[0], fx.Node):
+        return False
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    shift = len(out_shape) - len(in_shape)
+    return all(a - shift < 0 or in_shape[a - shift] == 1 for a in axes)
 
 
 def _gcd_block(a: int, b: int) -> int:
@@ -301,6 +322,16 @@ def _get_attr(node: fx.Node) -> torch.Tensor | None:
         if obj is None:
             return None
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` may write into one of its inputs (in-place ops, ``copy_``) or is opaque."""
+    if node.op != "call_function":
+        return True  # call_module / call_method: not analyzable, keep their barriers
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.target is not operator.getitem
+    return bool(schema.is_mutable)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -357,14 +388,28 @@ def _broadcast(flow: _Flow, node: fx.Node) -> None:
             flow.union(flow.at(a, local, inner), out_idx, _op_name(node))
 
 
+def _arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of an aten call, positional or keyword, found through the op's schema
+    (``linalg_vector_norm(x, ord, dim, keepdim)`` and ``std.dim(x, dim, unbiased, keepdim)`` put
+    ``dim`` and ``keepdim`` at different positions)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            if a.name == name:
+                if not a.kwarg_only and i < len(node.args):
+                    return node.args[i]
+                break
+    return node.kwargs.get(name, default)
+
+
 def _reduce_dims(node: fx.Node) -> tuple[list[int], bool]:
     shape = _shape(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = _arg(node, "dim")
     if dims is None or dims == []:
         dims = list(range(len(shape)))
     if isinstance(dims, int):
         dims = [dims]
-    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    keep = bool(_arg(node, "keepdim", False))
     return [_norm(d, len(shape)) for d in dims], keep
 
 
@@ -417,10 +462,28 @@ def _addmm(flow: _Flow, node: fx.Node) -> None:
     _linear_like(flow, node, x, w, b, 0, 1)
 
 
+def _transposed_weight(node: Any) -> fx.Node | None:
+    """The 2-D parameter ``W`` when ``node`` is ``W.T`` (``t``, ``numpy_T``, ``transpose(0, 1)``,
+    ``permute([1, 0])``): ``x @ W.T`` is a Linear with ``W`` stored ``[out, in]`` (Falcon)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSE_OPS:
+        return None
+    w = node.args[0]
+    if not _is_weight(w) or len(_shape(w)) != 2:
+        return None
+    if node.target is aten.transpose.int and {_norm(d, 2) for d in node.args[1:3]} != {0, 1}:
+        return None
+    if node.target is aten.permute.default and [_norm(d, 2) for d in node.args[1]] != [1, 0]:
+        return None
+    return w
+
+
 def _mm(flow: _Flow, node: fx.Node) -> None:
     x, w = node.args[:2]
     if _is_weight(w) and len(_shape(w)) == 2:
         return _linear_like(flow, node, x, w, None, 0, 1)
+    wt = _transposed_weight(w)
+    if wt is not None:
+        return _linear_like(flow, node, x, wt, None, 1, 0)
     _matmul_activations(flow, node, x, w)
 
 
@@ -470,19 +533,18 @@ def _matmul_activations(flow: _Flow, node: fx.Node, a, b, bias=None) -> None:
 
 
 def _matmul(flow: _Flow, node: fx.Node) -> None:
-    x, w = node.args[:2]
-    if _is_weight(w) and len(_shape(w)) == 2:
-        return _linear_like(flow, node, x, w, None, 0, 1)
-    _matmul_activations(flow, node, x, w)
+    _mm(flow, node)
+
+
+def _conv_groups(node: fx.Node) -> int:
+    return int(_arg(node, "groups", 1))
 
 
 def _conv(flow: _Flow, node: fx.Node) -> None:
     x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else None
-    if node.target is aten.convolution.default:
-        transposed, groups = node.args[6], node.args[8]
-    else:
-        transposed, groups = False, (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+    b = _arg(node, "bias")
+    transposed = bool(_arg(node, "transposed", False))
+    groups = _conv_groups(node)
     out = flow.new(node, (1,))
     if transposed or not _is_weight(w):
         why = "transposed convolution" if transposed else "convolution with a computed weight"
@@ -515,21 +577,35 @@ def _layer_norm(flow: _Flow, node: fx.Node) -> None:
         flow.union(s.index, out, _op_name(node))
         if set(s.axes) & normed and not set(s.axes) <= normed:
             flow.barrier(s.index, f"{node.name}: layer_norm over part of a channel space")
-    for p in (w, b):
-        if isinstance(p, fx.Node):
-            if k != 1:
-                flow.barrier(flow.at(p, tuple(range(k))), f"{node.name}: layer_norm over {k} axes")
-                continue
-            flow.union(flow.at(node, (nd - 1,)), flow.at(p, (0,)), _op_name(node))
+    _norm_params(flow, node, (w, b), nd, k)
+
+
+def _norm_params(flow: _Flow, node: fx.Node, params: Sequence[Any], nd: int, k: int) -> None:
+    """Elementwise affine parameters of a norm over the last ``k`` axes (shape ``x.shape[-k:]``)
+    move with every channel space inside those axes (``LayerNorm([C, H, W])`` after a conv: the
+    weight's axis 0 follows the conv's channels)."""
+    if k == 1:
+        spaces = [flow.at(node, (nd - 1,))]
+    else:
+        spaces = [s.index for s in flow.spaces_of(node) if set(s.axes) <= set(range(nd - k, nd))]
+    for p in params:
+        if not isinstance(p, fx.Node):
+            continue
+        for idx in spaces:
+            sp = flow.spaces[idx]
+            flow.union(idx, flow.at(p, tuple(a - (nd - k) for a in sp.axes), sp.inner), _op_name(node))
 
 
 def _rms_norm(flow: _Flow, node: fx.Node) -> None:
     x, normalized = node.args[0], node.args[1]
     w = node.args[2] if len(node.args) > 2 else None
     nd = len(_shape(x))
+    k = len(normalized)
     _pass_through(flow, node)
-    if isinstance(w, fx.Node) and len(normalized) == 1:
-        flow.union(flow.at(node, (nd - 1,)), flow.at(w, (0,)), _op_name(node))
+    for s in flow.spaces_of(x):
+        if set(s.axes) & set(range(nd - k, nd)) and not set(s.axes) <= set(range(nd - k, nd)):
+            flow.barrier(s.index, f"{node.name}: rms_norm over part of a channel space")
+    _norm_params(flow, node, (w,), nd, k)
 
 
 def _batch_norm(flow: _Flow, node: fx.Node) -> None:
@@ -922,6 +998,7 @@ _REDUCE = [
     aten.amin.default, aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim,
     aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default, aten.logsumexp.default,
 ]
+_TRANSPOSE_OPS = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default)
 _SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
               aten.tensor_split.indices, aten.split.sizes)
 # ops returning a tuple whose first element carries the input's channels (the rest: statistics, masks)
@@ -946,6 +1023,7 @@ OP_RULES: dict[object, Rule] = {
     aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _mm,
     aten.matmul.default: _matmul, aten.bmm.default: _mm,
     aten.conv1d.default: _conv, aten.conv2d.default: _conv, aten.conv3d.default: _conv,
+    aten.conv1d.padding: _conv, aten.conv2d.padding: _conv, aten.conv3d.padding: _conv,
     aten.convolution.default: _conv,
     aten.layer_norm.default: _layer_norm, aten.native_layer_norm.default: _layer_norm,
     aten.rms_norm.default: _rms_norm,
@@ -958,9 +1036,10 @@ OP_RULES: dict[object, Rule] = {
     aten._prelu_kernel.default: _prelu, aten.prelu.default: _prelu,
     aten.embedding.default: _embedding,
     aten.permute.default: _permute, aten.transpose.int: _permute, aten.t.default: _permute,
+    aten.numpy_T.default: _permute,
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
     aten.flatten.using_ints: _reshape, aten.unflatten.int: _reshape,
-    aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand,
+    aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand, aten.expand_as.default: _expand,
     aten.squeeze.dim: _squeeze, aten.squeeze.default: _squeeze, aten.squeeze.dims: _squeeze,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index_select.default: _index_select,
     aten.cat.default: _cat, aten.concat.default: _cat,
@@ -986,6 +1065,9 @@ _MATMUL_WEIGHT: dict[object, tuple[int, int, str]] = {
     aten.conv1d.default: (1, 1, "conv"),
     aten.conv2d.default: (1, 1, "conv"),
     aten.conv3d.default: (1, 1, "conv"),
+    aten.conv1d.padding: (1, 1, "conv"),  # padding="same" / "valid"
+    aten.conv2d.padding: (1, 1, "conv"),
+    aten.conv3d.padding: (1, 1, "conv"),
     aten.convolution.default: (1, 1, "conv"),
 }
 
@@ -1000,6 +1082,11 @@ class _Use:
 
 def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
     """How ``node`` uses parameter ``w``: as a GEMM weight with a reduction axis, or not."""
+    if _transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
+        users = list(node.users)
+        if len(users) == 1 and users[0].target in (aten.mm.default, aten.matmul.default) and \
+                users[0].args[1] is node and users[0].args[0] is not node:
+            return _Use(users[0], 1, _MATMUL_WEIGHT[users[0].target][2])
     spec = _MATMUL_WEIGHT.get(node.target)
     if spec is None:
         return _Use(node, None, _op_name(node), f"used by {_op_name(node)} ({node.name}), not a matmul or conv")
@@ -1123,7 +1210,8 @@ def analyze(
         use = uses[0]
         k = w.shape[use.axis]
         if use.op == "conv" and k == 1:
-            skipped.append(Skip(pname, f"depthwise convolution: reduction dim has size 1 (shape {list(w.shape)})"))
+            kind = "depthwise convolution" if _conv_groups(use.node) > 1 else "convolution with one input channel"
+            skipped.append(Skip(pname, f"{kind}: reduction dim has size 1 (shape {list(w.shape)})"))
             continue
         module = _module_of(use.node, pname)
         excluded = _matches(pname, exclude) or _matches(module, exclude)
@@ -1152,6 +1240,8 @@ def analyze(
         if node.op == "output":
             _output_barrier(flow, node)
             continue
+        if not node.users and not _mutates(node):
+            continue  # dead code (a value nothing reads) constrains no channel
         rule = OP_RULES.get(node.target) if node.op == "call_function" else None
         if rule is None:
             what = _op_name(node)
@@ -1267,7 +1357,16 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
         mems: dict[tuple, Member] = {}
         size = flow.spaces[r].channels
         for s, off, width, rep, rblock, stride in members_of.get(r, []):
-            if s.node.op != "get_attr" or s.node.target not in tensors or len(s.axes) != 1:
+            if s.node.op != "get_attr":
+                continue
+            if s.node.target not in tensors:  # moving channels must move this tensor too: it cannot
+                if _get_attr(s.node) is not None:
+                    flow.barrier(r, f"{s.node.target} is a constant tensor, not a parameter or buffer; "
+                                    "register it with register_buffer() so its channels can move")
+                continue
+            if len(s.axes) != 1:
+                flow.barrier(r, f"{s.node.target} carries the channels on {len(s.axes)} axes {list(s.axes)} "
+                                f"jointly (shape {list(_shape(s.node))}); nmgraph permutes one axis per tensor")
                 continue
             t = tensors[s.node.target]
             name = canonical.get(id(t), s.node.target)

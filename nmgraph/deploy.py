@@ -117,7 +117,8 @@ class CompiledModule(torch.nn.Module):
             from nmgraph.tensorrt import compile_torch_tensorrt
 
             return compile_torch_tensorrt(gm, list(args), **opts.get("tensorrt_options", {}))
-        weights = {i.name: i.axis for i in plan.layers if i.op in ("linear", "addmm")}
+        weights = {i.name: i.axis for i in plan.layers
+                   if i.op in ("linear", "addmm") or (i.op in ("matmul", "mm") and i.axis == 1)}  # x @ W.T
         backend = "eager" if self.backend == "eager" else self.backend
         if self._dispatcher is None:
             from nmgraph.backends.dispatch import Dispatcher

@@ -127,6 +127,9 @@ class _State:
 def lower_linears(gm: fx.GraphModule, config: LowerLinearsConfig | Mapping[str, Any] | None = None) -> PassResult:
     """Replaces eligible ``aten.linear``/``aten.addmm`` nodes with ``nmgraph::nm_linear`` (in place).
 
+    ``x @ W.T`` of a listed 2-D parameter (``matmul``/``mm`` of its transpose) is first rewritten
+    to ``aten.linear(x, W)``, which computes the same, and then lowered like one.
+
     See the module docstring. Returns a :class:`PassResult` whose ``info`` holds ``"decisions"``
     (a :class:`DispatchReport`), ``"backends"`` (lowered node -> backend) and ``"dropped"``
     (dense weights removed from ``gm``).
@@ -138,11 +141,15 @@ def lower_linears(gm: fx.GraphModule, config: LowerLinearsConfig | Mapping[str, 
     dispatcher = cfg.dispatcher if cfg.dispatcher is not None else (Dispatcher() if cfg.backend == "auto" else None)
     st = _State(cfg, pattern, dispatcher)
     backends: dict[str, str] = {}
+    rewritten = False
 
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         spec = _LINEAR_OPS.get(node.target)
+        if spec is None and _as_linear(gm, node, cfg):
+            spec = _LINEAR_OPS[node.target]
+            rewritten = True
         if spec is None:
             _skip_other_consumers(node, st)
             continue
@@ -156,8 +163,8 @@ def lower_linears(gm: fx.GraphModule, config: LowerLinearsConfig | Mapping[str, 
                 st.skipped.append(Skip(name, "not read by any aten.linear or aten.addmm node of the graph"))
 
     dropped: list[str] = []
-    if st.changed:
-        if cfg.drop_dense:
+    if st.changed or rewritten:
+        if st.changed and cfg.drop_dense:
             dropped = _drop_unused_weights(gm, {name for name, _ in st.buffers})
         gm.graph.lint()
         gm.recompile()
@@ -185,10 +192,35 @@ def _as_config(config: Any) -> LowerLinearsConfig:
     )
 
 
+def _as_linear(gm: fx.GraphModule, node: fx.Node, cfg: LowerLinearsConfig) -> bool:
+    """Rewrites ``x @ W.T`` (``matmul``/``mm`` of a transposed 2-D parameter: Falcon's Linear) into
+    ``aten.linear(x, W)``, the same computation, so it lowers like any Linear. Returns whether it did."""
+    from nmgraph.analysis import _transposed_weight
+
+    if node.target not in (_aten.matmul.default, _aten.mm.default) or len(node.args) != 2:
+        return False
+    w = _transposed_weight(node.args[1])
+    if w is None or (cfg.weights is not None and w.target not in cfg.weights):
+        return False
+    transposed = node.args[1]
+    node.target = _aten.linear.default
+    node.args = (node.args[0], w)
+    if not transposed.users:
+        gm.graph.erase_node(transposed)
+    return True
+
+
 def _skip_other_consumers(node: fx.Node, st: _State) -> None:
     """A listed weight read by an op that does not lower is reported once per node."""
     if st.cfg.weights is None:
         return
+    from nmgraph.analysis import _transposed_weight
+
+    if _transposed_weight(node) is not None and all(
+        u.target in (_aten.matmul.default, _aten.mm.default) and u.args[1] is node and len(u.args) == 2
+        for u in node.users
+    ):
+        return  # W.T read by x @ W.T: the matmul is rewritten to aten.linear(x, W) when it is reached
     for arg in node.all_input_nodes:
         if arg.op == "get_attr" and arg.target in st.cfg.weights:
             st.seen_weights.add(arg.target)

@@ -1,0 +1,221 @@
+"""Op-table cases found by sweeping real architectures: each checks the plan and that a random
+permutation of every group leaves the outputs equal to an untouched copy."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nmgraph
+from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
+
+from . import hf_models
+from .hf_models import first_tensor
+from .test_analysis import _barrier_reasons, _check, _group_with
+
+
+class Normalized(nn.Module):
+    """A Linear, a norm along ``dim`` (F.normalize, Tensor.norm or std), another Linear."""
+
+    def __init__(self, how, dim):
+        super().__init__()
+        self.how, self.dim = how, dim
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.how == "normalize":
+            h = F.normalize(h, dim=self.dim)
+        elif self.how == "norm":
+            h = h / h.norm(p=2, dim=self.dim, keepdim=True)
+        else:
+            h = h / h.std(dim=self.dim, keepdim=True, unbiased=False)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("how", ["normalize", "norm", "std"])
+@pytest.mark.parametrize(("shape", "dim"), [((3, 16), -1), ((2, 5, 16), 1), ((2, 5, 16), -1)])
+def test_vector_norms_read_dim_and_keepdim_by_name(how, shape, dim):
+    # linalg_vector_norm(x, ord, dim, keepdim) and std.correction put dim/keepdim elsewhere than sum
+    torch.manual_seed(0)
+    plan = _check(Normalized(how, dim), torch.randn(*shape), include=["l2"])
+    g = _group_with(plan, "l2.weight", 1)
+    assert g is not None and any(m.name == "l1.weight" and m.axis == 0 for m in g.members)
+
+
+class ConvLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.ln, self.c2 = nn.Conv2d(4, 8, 3, padding=1), nn.LayerNorm([8, 6, 6]), nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.ln.weight.normal_()
+            self.ln.bias.normal_()
+
+    def forward(self, x):
+        return self.c2(self.ln(self.c1(x)))
+
+
+def test_layer_norm_over_channels_and_space_moves_its_weight():
+    torch.manual_seed(0)
+    plan = _check(ConvLayerNorm(), torch.randn(2, 4, 6, 6), include=["c2"])
+    g = _group_with(plan, "c2.weight", 1)
+    names = {(m.name, m.axis) for m in g.members}
+    assert {("c1.weight", 0), ("ln.weight", 0), ("ln.bias", 0)} <= names
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm([heads, head_dim]): its weight holds the channels on two axes at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.n, self.l2 = nn.Linear(16, 16), nn.RMSNorm([2, 8]), nn.Linear(16, 8)
+        with torch.no_grad():
+            self.n.weight.normal_()
+
+    def forward(self, x):
+        return self.l2(self.n(self.l1(x).view(2, 5, 2, 8)).view(2, 5, 16))
+
+
+def test_parameter_carrying_channels_on_two_axes_is_a_barrier():
+    torch.manual_seed(0)
+    plan = _check(HeadRMSNorm(), torch.randn(2, 5, 16), include=["l2"])
+    assert _group_with(plan, "l2.weight", 1) is None
+    assert "n.weight carries the channels on 2 axes" in _barrier_reasons(plan)
+
+
+class Scaled(nn.Module):
+    def __init__(self, as_buffer):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        if as_buffer:
+            self.register_buffer("scale", torch.randn(16))
+        else:
+            self.scale = torch.randn(16)  # a plain attribute: export lifts it as a constant
+
+    def forward(self, x):
+        return self.l2(self.l1(x) * self.scale)
+
+
+def test_constant_tensor_attribute_is_a_barrier_and_a_buffer_moves():
+    torch.manual_seed(0)
+    plan = _check(Scaled(as_buffer=False), torch.randn(3, 16), include=["l2"])
+    assert _group_with(plan, "l2.weight", 1) is None
+    assert "is a constant tensor, not a parameter or buffer; register it with register_buffer()" in \
+        _barrier_reasons(plan)
+    plan = _check(Scaled(as_buffer=True), torch.randn(3, 16), include=["l2"])
+    assert any(m.name == "scale" for m in _group_with(plan, "l2.weight", 1).members)
+
+
+class PerHeadWeights(nn.Module):
+    """Per-head weights [heads, d_in, d_out] applied with matmul/bmm (batched experts look the same)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        self.w = nn.Parameter(torch.randn(4, 4, 4))
+
+    def forward(self, x):
+        h = self.l1(x).view(3, 4, 4).transpose(0, 1)
+        return self.l2(self.op(h, self.w).transpose(0, 1).reshape(3, 16))
+
+
+@pytest.mark.parametrize("op", [torch.matmul, torch.bmm])
+def test_batched_parameter_operand_is_a_barrier(op):
+    torch.manual_seed(0)
+    plan = _check(PerHeadWeights(op), torch.randn(3, 16), include=["l2"])
+    assert _group_with(plan, "l1.weight", 0) is None
+    assert "w carries the channels on 2 axes" in _barrier_reasons(plan)
+
+
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_convolution_with_string_padding(padding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=padding), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=padding),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    plan = _check(model, torch.randn(2, 4, 8, 8), include=["5"])
+    assert {i.name for i in plan.layers} == {"0.weight", "2.weight", "5.weight"}
+    assert _group_with(plan, "2.weight", 1) is not None and _group_with(plan, "5.weight", 1) is not None
+
+
+class TransposedWeights(nn.Module):
+    """``x @ W.T`` with W stored [out, in] (Falcon's Linear), through t, .T and transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(32, 16)), nn.Parameter(torch.randn(16, 32))
+        self.w3 = nn.Parameter(torch.randn(8, 16))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1.T)
+        h = torch.relu(torch.matmul(h, self.w2.t()))
+        return self.head(torch.mm(h.reshape(-1, 16), self.w3.transpose(0, 1)))
+
+
+def test_matmul_with_transposed_weight_is_a_linear():
+    torch.manual_seed(0)
+    model = TransposedWeights()
+    x = torch.randn(2, 3, 16)
+    plan = _check(model, x)
+    assert {(i.name, i.axis) for i in plan.layers} == {("w1", 1), ("w2", 1), ("w3", 1)}
+    g = _group_with(plan, "w2", 1)
+    assert {(m.name, m.axis) for m in g.members} == {("w1", 0), ("w2", 1)}
+    # lowering rewrites x @ W.T to aten.linear(x, W) and lowers it; outputs equal the pruned model
+    gm = nmgraph.convert(nmgraph.capture(model, (x,)), "2:4", plan=plan)
+    with torch.no_grad():
+        ref = model(x)
+    result = lower_linears(gm, LowerLinearsConfig(weights={"w1": 1, "w2": 1, "w3": 1}, backend="triton"))
+    assert len(result.changed_nodes) == 3
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("aten.t." in t or "numpy_T" in t or "transpose" in t for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_falcon_linears_are_eligible_and_permutable():
+    t = hf_models.transformers
+    torch.manual_seed(0)
+    cfg = t.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         multi_query=False, parallel_attn=False, use_cache=False, bos_token_id=1, eos_token_id=2)
+    model = t.FalconForCausalLM(cfg).eval()
+    ids = torch.randint(3, 96, (2, 8))
+    reference = copy.deepcopy(model)
+    plan = _check(model, ids)
+    assert len(plan.layers) == 8 and all(i.op == "matmul" and i.axis == 1 for i in plan.layers)
+    assert plan.permutable_fraction == 1.0
+    fast = nmgraph.compile(reference, "2:4", time_limit=1.0)
+    out = first_tensor(fast(ids))
+    lowering = next(iter(fast.report.lowerings.values()))
+    assert len(lowering.skipped) == 8 and all("CPU" in s.reason for s in lowering.skipped)  # dense on a CPU
+    torch.testing.assert_close(first_tensor(lowering.gm(ids)), out, rtol=1e-5, atol=1e-5)
+
+
+class DeadSelect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        _unused = h[:, :, -1]  # nothing reads it (BART's decoder leaves such a node in the graph)
+        return self.head(torch.relu(self.b(h)))
+
+
+def test_dead_nodes_constrain_nothing():
+    torch.manual_seed(0)
+    plan = _check(DeadSelect(), torch.randn(2, 5, 16))
+    assert _group_with(plan, "b.weight", 1) is not None
+    assert "select" not in _barrier_reasons(plan)
+
+
+def test_single_input_channel_conv_is_not_called_depthwise():
+    model = nn.Sequential(nn.Conv1d(1, 32, 10, stride=5), nn.GELU(), nn.Conv1d(32, 32, 3))
+    plan = nmgraph.analyze(nmgraph.capture(model.eval(), (torch.randn(2, 1, 320),)), "2:4")
+    reasons = dict(plan.skipped)
+    assert reasons["0.weight"].startswith("convolution with one input channel: reduction dim has size 1")
+    dw = nn.Sequential(nn.Conv1d(8, 8, 3, groups=8), nn.GELU(), nn.Conv1d(8, 8, 1))
+    plan = nmgraph.analyze(nmgraph.capture(dw.eval(), (torch.randn(2, 8, 32),)), "2:4")
+    assert dict(plan.skipped)["0.weight"].startswith("depthwise convolution")
