@@ -371,6 +371,8 @@ def _broadcast(flow: _Flow, node: fx.Node) -> None:
         shift = ndim - len(_shape(a))
         for s in flow.spaces_of(a):
             key = (tuple(x + shift for x in s.axes), s.inner)
+            if s.channels == 1 and any(out_shape[x] != 1 for x in key[0]):
+                continue  # one channel broadcast over the output's channels (a scalar gate): nothing to move
             if key not in out_spaces:
                 out_spaces[key] = flow.new(node, *key)
             flow.union(s.index, out_spaces[key], _op_name(node))
@@ -462,17 +464,22 @@ def _addmm(flow: _Flow, node: fx.Node) -> None:
     _linear_like(flow, node, x, w, b, 0, 1)
 
 
-def _transposed_weight(node: Any) -> fx.Node | None:
+def _transposed_weight(node: Any, batched: bool = False) -> fx.Node | None:
     """The 2-D parameter ``W`` when ``node`` is ``W.T`` (``t``, ``numpy_T``, ``transpose(0, 1)``,
-    ``permute([1, 0])``): ``x @ W.T`` is a Linear with ``W`` stored ``[out, in]`` (Falcon)."""
+    ``permute([1, 0])``): ``x @ W.T`` is a Linear with ``W`` stored ``[out, in]`` (Falcon).
+    ``batched``: instead a 3-D ``W [experts, out, in]`` read as ``W.transpose(-2, -1)``."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSE_OPS:
         return None
     w = node.args[0]
-    if not _is_weight(w) or len(_shape(w)) != 2:
+    nd = 3 if batched else 2
+    if not _is_weight(w) or len(_shape(w)) != nd:
         return None
-    if node.target is aten.transpose.int and {_norm(d, 2) for d in node.args[1:3]} != {0, 1}:
+    if node.target is aten.transpose.int and {_norm(d, nd) for d in node.args[1:3]} != {nd - 2, nd - 1}:
         return None
-    if node.target is aten.permute.default and [_norm(d, 2) for d in node.args[1]] != [1, 0]:
+    if node.target is aten.permute.default and [_norm(d, nd) for d in node.args[1]] != [*range(nd - 2), nd - 1,
+                                                                                          nd - 2]:
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default) and batched:
         return None
     return w
 
@@ -852,6 +859,42 @@ def _index_select(flow: _Flow, node: fx.Node) -> None:
         flow.union(s.index, flow.new(node, s.axes, s.inner), _op_name(node))
 
 
+def _index(flow: _Flow, node: fx.Node) -> None:
+    """``x[idx]`` (``aten.index.Tensor``) with index tensors on non-channel axes: rows are gathered
+    (MoE token routing), channels pass through. Adjacent index tensors replace their axes by the
+    index shape at the same place; indexing a channel axis is a barrier."""
+    src, indices = node.args[0], list(node.args[1])
+    nd = len(_shape(src))
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        for sp in flow.spaces_of(src):
+            flow.barrier(sp.index, f"{node.name}: advanced indexing with separated index tensors")
+        return
+    first, last = used[0], used[-1]
+    index_nd = len(_shape(node)) - (nd - len(used))
+    for sp in flow.spaces_of(src):
+        if any(first <= a <= last for a in sp.axes):
+            flow.barrier(sp.index, f"{node.name}: indexes along a channel axis")
+            continue
+        axes = tuple(a if a < first else a - len(used) + index_nd for a in sp.axes)
+        flow.union(sp.index, flow.new(node, axes, sp.inner), _op_name(node))
+
+
+def _grouped_mm(flow: _Flow, node: fx.Node) -> None:
+    """Grouped GEMM of MoE experts: ``x [T, K]`` rows split by ``offs`` over experts, times
+    ``W_e^T`` for ``W [E, N, K]`` read through ``transpose(-2, -1)``. Every expert shares the input
+    channel order (``K``) and the output channel order (``N``)."""
+    x, w = node.args[0], node.args[1]
+    p = _transposed_weight(w, batched=True)
+    if p is None or len(_shape(x)) != 2:
+        for sp in flow.spaces_of(x):
+            flow.barrier(sp.index, f"{node.name}: grouped matmul without a [experts, out, in] parameter")
+        flow.barrier(flow.new(node, (len(_shape(node)) - 1,)), f"{node.name}: grouped matmul without a "
+                     "[experts, out, in] parameter")
+        return
+    _linear_like(flow, node, x, p, None, 2, 1)
+
+
 def _cat(flow: _Flow, node: fx.Node) -> None:
     parts = [p for p in node.args[0] if isinstance(p, fx.Node)]
     nd = len(_shape(node))
@@ -1042,6 +1085,7 @@ OP_RULES: dict[object, Rule] = {
     aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand, aten.expand_as.default: _expand,
     aten.squeeze.dim: _squeeze, aten.squeeze.default: _squeeze, aten.squeeze.dims: _squeeze,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index_select.default: _index_select,
+    aten.index.Tensor: _index, aten._grouped_mm.default: _grouped_mm,
     aten.cat.default: _cat, aten.concat.default: _cat,
     **{op: _split for op in _SPLIT_OPS},
     operator.getitem: _getitem,
@@ -1050,6 +1094,21 @@ OP_RULES: dict[object, Rule] = {
     aten._assert_scalar.default: _ignore, aten.copy_.default: _copy_,
 }
 """How channels flow through each aten op. Ops not listed are barriers (the op is named)."""
+
+#: Ops of other libraries' ``torch.library`` namespaces, by qualified name (importing them here
+#: would import the library): transformers' grouped GEMM for MoE experts.
+NAMED_RULES: dict[str, Rule] = {
+    "transformers.grouped_mm_fallback.default": _grouped_mm,
+}
+
+
+def _rule_of(node: fx.Node) -> Rule | None:
+    if node.op != "call_function":
+        return None
+    rule = OP_RULES.get(node.target)
+    if rule is None and isinstance(node.target, torch._ops.OpOverload):
+        rule = NAMED_RULES.get(f"{node.target.namespace}.{node.target._opname}.{node.target._overloadname}")
+    return rule
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1082,6 +1141,10 @@ class _Use:
 
 def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
     """How ``node`` uses parameter ``w``: as a GEMM weight with a reduction axis, or not."""
+    if _transposed_weight(node, batched=True) is w:  # MoE experts W [E, out, in] in a grouped GEMM
+        users = list(node.users)
+        if len(users) == 1 and _rule_of(users[0]) is _grouped_mm and users[0].args[1] is node:
+            return _Use(users[0], 2, "grouped_mm")
     if _transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
         users = list(node.users)
         if len(users) == 1 and users[0].target in (aten.mm.default, aten.matmul.default) and \
@@ -1242,7 +1305,7 @@ def analyze(
             continue
         if not node.users and not _mutates(node):
             continue  # dead code (a value nothing reads) constrains no channel
-        rule = OP_RULES.get(node.target) if node.op == "call_function" else None
+        rule = _rule_of(node)
         if rule is None:
             what = _op_name(node)
             unknown[what] = unknown.get(what, 0) + 1

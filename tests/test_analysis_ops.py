@@ -219,3 +219,90 @@ def test_single_input_channel_conv_is_not_called_depthwise():
     dw = nn.Sequential(nn.Conv1d(8, 8, 3, groups=8), nn.GELU(), nn.Conv1d(8, 8, 1))
     plan = nmgraph.analyze(nmgraph.capture(dw.eval(), (torch.randn(2, 8, 32),)), "2:4")
     assert dict(plan.skipped)["0.weight"].startswith("depthwise convolution")
+
+
+def _randomize_norms(model):
+    """HF initialises norm weights to 1 and biases to 0, which hides a wrongly coupled norm."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    return model
+
+
+def _moe(kind):
+    t = hf_models.transformers
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if kind == "mixtral":
+        cfg = t.MixtralConfig(**common, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+        return t.MixtralForCausalLM(cfg)
+    cfg = t.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                           num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    return t.Qwen2MoeForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(("kind", "eligible"), [("mixtral", 14), ("qwen2-moe", 22)])
+def test_moe_experts_are_eligible_and_permutable(kind, eligible):
+    torch.manual_seed(0)
+    model = _randomize_norms(_moe(kind).eval())
+    ids = torch.randint(1, 96, (2, 8))
+    pruned_ref = copy.deepcopy(model)
+    plan = _check(model, ids)  # random permutations of every group keep the logits
+    assert len(plan.layers) == eligible and plan.permutable_fraction == 1.0
+    experts = [i for i in plan.layers if i.op == "grouped_mm"]
+    assert len(experts) == 4 and all(i.axis == 2 and len(i.shape) == 3 for i in experts)
+    gate_up = next(i for i in experts if i.name.endswith("0.mlp.experts.gate_up_proj"))
+    g = _group_with(plan, gate_up.name, 2)  # experts share the residual stream's channel order
+    assert any(m.name.endswith("0.self_attn.o_proj.weight") and m.axis == 0 for m in g.members)
+    down = next(i for i in experts if i.name.endswith("0.mlp.experts.down_proj"))
+    g = _group_with(plan, down.name, 2)  # and the intermediate order, across gate_up's two halves
+    assert {m.name for m in g.members} >= {gate_up.name, down.name}
+    # convert prunes every expert of every layer to 2:4 along its input axis
+    gm = nmgraph.capture(pruned_ref, (ids,))
+    nmgraph.convert(gm, "2:4", plan=nmgraph.analyze(gm, "2:4"))
+    for info in experts:
+        w = pruned_ref.get_parameter(info.name)
+        assert nmgraph.is_nm(w, "2:4", axis=2) and (w == 0).float().mean() == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(first_tensor(gm(ids)), first_tensor(pruned_ref(ids)), rtol=1e-5, atol=1e-5)
+
+
+class RoutedRows(nn.Module):
+    """Rows gathered by an index tensor (token routing) and a one-channel gate broadcast over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.gate, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)  # [T, 16]
+        order = torch.argsort(h[:, 0])
+        routed = self.b(h[order]) * torch.sigmoid(self.gate(h[order]))
+        return self.head(torch.relu(routed))
+
+
+def test_index_rows_and_single_channel_gate_pass_channels():
+    torch.manual_seed(0)
+    plan = _check(RoutedRows(), torch.randn(6, 16))
+    g = _group_with(plan, "head.weight", 1)
+    assert g is not None and any(m.name == "b.weight" and m.axis == 0 for m in g.members)
+    assert _group_with(plan, "b.weight", 1) is None  # h[:, 0] selects a channel of a's output: a barrier
+
+
+def test_moe_experts_train_with_masks_and_fold_exactly():
+    torch.manual_seed(0)
+    model = _randomize_norms(_moe("mixtral").train())
+    ids = torch.randint(1, 96, (2, 8))
+    gm = nmgraph.prepare(model, (ids,), "2:4", method="sr-ste", permute=False)
+    gm(ids).logits.float().pow(2).mean().backward()
+    w = model.model.layers[0].mlp.experts.gate_up_proj
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    gm.eval()
+    with torch.no_grad():
+        hard = gm(ids).logits
+        ref = (w * nmgraph.nm_mask(w, "2:4", axis=2)).detach()  # the hard mask per expert row
+    folded = nmgraph.convert(gm)
+    assert torch.equal(w.detach(), ref) and nmgraph.is_nm(w, "2:4", axis=2)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(ids).logits, hard, rtol=0, atol=0)
