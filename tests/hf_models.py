@@ -1,6 +1,9 @@
 """Small real architectures from transformers configs (random weights, nothing downloaded).
 
 Shared by the test files; each factory returns ``(model, example_args)`` with the model in eval mode.
+HF initialises norm weights to 1, biases to 0 and BatchNorm statistics to (0, 1): a norm weight or
+bias coupled to the wrong channels would not change any output. :func:`randomized` gives them
+seeded random values so every coupling test sees such a mistake.
 """
 
 from __future__ import annotations
@@ -11,6 +14,22 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
+
+
+def randomized(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
+    """Seeded non-trivial values for biases, norm parameters and BatchNorm running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # biases and norm/scale parameters (1 + 0.5 * N(0, 1) keeps scales away from 0)
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g) if "weight" in name
+                        else 0.5 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return model
 
 
 def _ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
@@ -29,7 +48,7 @@ def bert(head: bool = True, layers: int = 2):
         intermediate_size=128, max_position_embeddings=32, num_labels=3,
     )
     cls = transformers.BertForSequenceClassification if head else transformers.BertModel
-    return cls(cfg).eval(), (_ids(),)
+    return randomized(cls(cfg).eval()), (_ids(),)
 
 
 def gpt2(head: bool = True, layers: int = 2):
@@ -38,7 +57,7 @@ def gpt2(head: bool = True, layers: int = 2):
         bos_token_id=0, eos_token_id=0,
     )
     cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
-    return cls(cfg).eval(), (_ids(),)
+    return randomized(cls(cfg).eval()), (_ids(),)
 
 
 def llama(head: bool = True, layers: int = 2, kv_heads: int = 2):
@@ -48,7 +67,7 @@ def llama(head: bool = True, layers: int = 2, kv_heads: int = 2):
         use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     cls = transformers.LlamaForCausalLM if head else transformers.LlamaModel
-    return cls(cfg).eval(), (_ids(),)
+    return randomized(cls(cfg).eval()), (_ids(),)
 
 
 def vit(head: bool = True, layers: int = 2):
@@ -57,7 +76,7 @@ def vit(head: bool = True, layers: int = 2):
         image_size=32, patch_size=8, num_labels=3,
     )
     cls = transformers.ViTForImageClassification if head else transformers.ViTModel
-    return cls(cfg).eval(), (_img(),)
+    return randomized(cls(cfg).eval()), (_img(),)
 
 
 def resnet(head: bool = True):
@@ -65,7 +84,7 @@ def resnet(head: bool = True):
         embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=3,
     )
     cls = transformers.ResNetForImageClassification if head else transformers.ResNetModel
-    return cls(cfg).eval(), (_img(),)
+    return randomized(cls(cfg).eval()), (_img(),)
 
 
 def convnext(head: bool = True):
@@ -73,7 +92,7 @@ def convnext(head: bool = True):
         num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, image_size=32,
     )
     cls = transformers.ConvNextForImageClassification if head else transformers.ConvNextModel
-    return cls(cfg).eval(), (_img(),)
+    return randomized(cls(cfg).eval()), (_img(),)
 
 
 def mobilenet_v2(head: bool = True):
@@ -81,7 +100,7 @@ def mobilenet_v2(head: bool = True):
         depth_multiplier=0.35, image_size=32, num_labels=3,
     )
     cls = transformers.MobileNetV2ForImageClassification if head else transformers.MobileNetV2Model
-    return cls(cfg).eval(), (_img(),)
+    return randomized(cls(cfg).eval()), (_img(),)
 
 
 FACTORIES = {

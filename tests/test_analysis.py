@@ -530,7 +530,7 @@ def _more_architectures():
 def test_more_architectures(name):
     factory, ids, fraction = _more_architectures()[name]
     torch.manual_seed(0)
-    plan = _check(factory().eval(), ids)
+    plan = _check(hf_models.randomized(factory().eval()), ids)
     assert plan.permutable_fraction == pytest.approx(fraction, abs=0.01)
     print(f"{name}: permutable fraction {plan.permutable_fraction:.2f}")
 
