@@ -251,6 +251,13 @@ def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
     single = rule is _broadcast and len([a for a in node.args if isinstance(a, fx.Node)]) == 1
     if (rule is _pass_through or single) and in_shape == out_shape:  # e.g. Gemma's (1 + weight)
         return src, axes
+    if node.target in (aten.slice.Tensor, aten.index_select.default):  # rows of a position table
+        if _norm(node.args[1] if len(node.args) > 1 else 0, len(in_shape)) not in axes:
+            return src, axes
+        return None
+    if node.target is aten.select.int:
+        d = _norm(node.args[1], len(in_shape))
+        return src, tuple(a + (a >= d) for a in axes)
     if rule in (_expand, _unsqueeze):
         if rule is _expand:
             mapped = tuple(a - (len(out_shape) - len(in_shape)) for a in axes)
@@ -446,8 +453,20 @@ def _is_weight(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+_CAST_OPS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.clone.default,
+             aten.contiguous.default, aten.alias.default, aten.detach.default)
+
+
+def _weight_source(node: Any) -> Any:
+    """``W`` for ``W.to(dtype)`` / ``W.float()`` / ``W.contiguous()`` (chains too); else ``node``."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CAST_OPS and \
+            isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _linear(flow: _Flow, node: fx.Node) -> None:
-    x, w = node.args[0], node.args[1]
+    x, w = node.args[0], _weight_source(node.args[1])
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if not _is_weight(w):
         reason = f"{node.name}: linear with a computed weight"
@@ -1170,6 +1189,21 @@ def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
     return _Use(node, axis, name)
 
 
+def _gemm_uses(w: fx.Node) -> list[_Use]:
+    """Every use of parameter node ``w``, looking through casts (``W.to(x.dtype)``) and skipping
+    metadata-only reads (``_assert_tensor_metadata``, ``sym_size``)."""
+    uses: list[_Use] = []
+    for u in w.users:
+        if _rule_of(u) is _ignore:
+            continue
+        if u.op == "call_function" and u.target in _CAST_OPS and u.args[0] is w and \
+                _shape(u) == _shape(w):
+            uses.extend(_gemm_uses(u))
+            continue
+        uses.append(_weight_use(u, w))
+    return uses
+
+
 def _module_of(node: fx.Node, pname: str) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
@@ -1258,7 +1292,7 @@ def analyze(
         w = params[pname]
         if w.dim() < 2:
             continue  # biases and norm parameters: never N:M candidates, not reported as skipped
-        uses = [_weight_use(u, n) for n in nodes for u in n.users]
+        uses = [use for n in nodes for use in _gemm_uses(n)]
         bad = [u for u in uses if u.axis is None]
         if not uses:
             skipped.append(Skip(pname, "not used by the graph"))

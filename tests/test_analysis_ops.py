@@ -306,3 +306,51 @@ def test_moe_experts_train_with_masks_and_fold_exactly():
     assert torch.equal(w.detach(), ref) and nmgraph.is_nm(w, "2:4", axis=2)
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, hard, rtol=0, atol=0)
+
+
+class SlicedPositions(nn.Module):
+    """A position table sliced to the sequence length, added to the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, 16))
+        self.l1, self.l2, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.l1(x) + self.pos[: x.shape[1]] + self.pos[1]
+        return self.head(h + self.l2(torch.relu(h)))
+
+
+def test_rows_sliced_from_a_parameter_move_with_its_channels():
+    torch.manual_seed(0)
+    plan = _check(SlicedPositions(), torch.randn(2, 5, 16))
+    g = _group_with(plan, "l2.weight", 1)
+    assert g is not None and ("pos", 1) in {(m.name, m.axis) for m in g.members}
+
+
+class CastWeights(nn.Module):
+    """F.linear(x, W.float()) / W.to(x.dtype): a dtype-safety idiom (DeepSeek-V3's router)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, self.l1.weight.float(), self.l1.bias))
+        return self.head(torch.relu(F.linear(h, self.l2.weight.to(h.dtype))))
+
+
+def test_weights_read_through_a_cast_are_eligible_and_permutable():
+    torch.manual_seed(0)
+    model = CastWeights()
+    x = torch.randn(3, 16)
+    plan = _check(model, x)
+    assert [i.name for i in plan.layers] == ["l1.weight", "l2.weight"]
+    assert _group_with(plan, "l2.weight", 1) is not None
+    gm = nmgraph.convert(nmgraph.capture(model, (x,)), "2:4")
+    assert nmgraph.is_nm(model.l2.weight, "2:4")
+    result = lower_linears(gm, LowerLinearsConfig(weights={"l1.weight": 1, "l2.weight": 1}, backend="triton"))
+    reasons = dict(result.skipped)
+    assert "read through" in reasons["l2.weight"] and "runs densely" in reasons["l2.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)

@@ -242,6 +242,14 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: tuple[int, int, int | N
     where = node.format_node()
 
     if not isinstance(w, fx.Node) or w.op != "get_attr":
+        from nmgraph.analysis import _weight_source
+
+        src = _weight_source(w)
+        if isinstance(src, fx.Node) and src.op == "get_attr" and (cfg.weights is None or src.target in cfg.weights):
+            st.seen_weights.add(src.target)
+            st.skipped.append(Skip(src.target, f"{where}: the weight is read through {w.format_node()}; only a "
+                                               "parameter read directly lowers, so this layer runs densely"))
+            return None
         if cfg.weights is None:  # with an explicit list, only listed parameters are considered
             what = "a constant" if not isinstance(w, fx.Node) else f"computed by {w.format_node()}"
             st.skipped.append(Skip(node.name, f"weight is not a parameter or buffer of the graph module ({what}); "
