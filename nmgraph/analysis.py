@@ -773,7 +773,14 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                 # source serves `repeat` consecutive heads of the output
                 repeat = math.prod(ins[a] for a in big_ci[1:])
                 out_axes.extend(a for a in cj if outs[a] != 1)
-                repeat_of = (repeat, hit[0])
+                repeat_of = (repeat, s.channels // ins[hit[0]])  # (copies, channels per head)
+            elif len(hit) == 1 and hit == big_ci[-1:] and s.inner == 1 and repeat_of is None:
+                # channels are the minor part of the merged axis (multi-query attention's one K/V head
+                # merged with the query heads): every major index holds a copy of the block, each
+                # permuted like the source
+                repeat = math.prod(ins[a] for a in big_ci[:-1])
+                out_axes.extend(a for a in cj if outs[a] != 1)
+                repeat_of = (repeat, s.channels)
             elif inner == 1 and hit == big_ci[: len(hit)]:
                 # channels are the major part of the merged axis: flattened conv channels
                 inner = math.prod(ins[a] for a in big_ci[len(hit):])
@@ -791,8 +798,7 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                 "their channels stay in place)" if repeated else "reshape splits flattened channels"))
             continue
         if repeat_of is not None:
-            repeat, head_axis = repeat_of
-            block = s.channels // ins[head_axis]  # channels per head
+            repeat, block = repeat_of
             out = flow.new(node, tuple(out_axes), inner)
             flow.constrain_block(s.index, block)
             flow.constrain_block(out, block)

@@ -354,3 +354,26 @@ def test_weights_read_through_a_cast_are_eligible_and_permutable():
     assert "read through" in reasons["l2.weight"] and "runs densely" in reasons["l2.weight"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _bigcode_mqa():
+    t = hf_models.transformers
+    cfg = t.GPTBigCodeConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                             use_cache=False)
+    return t.GPTBigCodeForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama-mqa", "gpt-bigcode-mqa"])
+def test_multi_query_attention_output_projection_follows_the_shared_head(kind):
+    # one K/V head merged with the query heads: o_proj's columns hold one copy of the head per query head
+    torch.manual_seed(0)
+    if kind == "llama-mqa":
+        model, (ids,) = hf_models.llama(kv_heads=1)
+        o_proj = "model.layers.0.self_attn.o_proj.weight"
+    else:
+        model, ids = hf_models.randomized(_bigcode_mqa().eval()), torch.randint(0, 96, (2, 8))
+        o_proj = "transformer.h.0.attn.c_proj.weight"
+    plan = _check(model, ids)
+    assert plan.permutable_fraction == 1.0
+    g = _group_with(plan, o_proj, 1)
+    assert any(m.name == o_proj and m.repeat == 4 for m in g.members)
