@@ -269,6 +269,7 @@ def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
     return None
 
 
+_EXPAND_OPS = (aten.expand.default, aten.expand_as.default, aten.broadcast_to.default)
 _FILL_OPS = (aten.full.default, aten.ones.default, aten.zeros.default, aten.full_like.default,
              aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default)
 
@@ -280,7 +281,7 @@ def _constant_along(node: fx.Node, axes: Axes) -> bool:
         return False
     if node.target in _FILL_OPS:
         return True
-    if node.target not in (aten.expand.default, aten.expand_as.default) or not isinstance(node.args[0], fx.Node):
+    if node.target not in _EXPAND_OPS or not isinstance(node.args[0], fx.Node):
         return False
     in_shape, out_shape = _shape(node.args[0]), _shape(node)
     shift = len(out_shape) - len(in_shape)
@@ -792,7 +793,7 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                          "other axes")
             continue
         if inner != s.inner and len(out_axes) > 1:
-            repeated = isinstance(src, fx.Node) and src.target is aten.expand.default
+            repeated = isinstance(src, fx.Node) and src.target in _EXPAND_OPS
             flow.barrier(s.index, f"{node.name}: " + (
                 "channels repeated by expand + reshape (grouped-query attention shares key/value heads; "
                 "their channels stay in place)" if repeated else "reshape splits flattened channels"))
@@ -809,7 +810,7 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
 
 def _broadcast_axes(node: fx.Node, axes: Sequence[int]) -> bool:
     """True if ``node`` is an expand whose ``axes`` were size 1 before it (pure repetition)."""
-    if not axes or not isinstance(node, fx.Node) or node.target is not aten.expand.default:
+    if not axes or not isinstance(node, fx.Node) or node.target not in _EXPAND_OPS:
         return False
     src_shape = _shape(node.args[0])
     shift = len(_shape(node)) - len(src_shape)
@@ -824,9 +825,13 @@ def _unsqueeze(flow: _Flow, node: fx.Node) -> None:
 
 
 def _expand(flow: _Flow, node: fx.Node) -> None:
-    shift = len(_shape(node)) - len(_shape(node.args[0]))
+    ins, outs = _shape(node.args[0]), _shape(node)
+    shift = len(outs) - len(ins)
     for s in flow.spaces_of(node.args[0]):
-        flow.union(s.index, flow.new(node, tuple(a + shift for a in s.axes), s.inner), _op_name(node))
+        # a size-1 axis of the space that expand repeats becomes a repetition axis, not a channel axis
+        axes = tuple(a + shift for a in s.axes if not (ins[a] == 1 and outs[a + shift] != 1))
+        if axes:
+            flow.union(s.index, flow.new(node, axes, s.inner), _op_name(node))
 
 
 def _squeeze(flow: _Flow, node: fx.Node) -> None:
@@ -897,12 +902,33 @@ def _index(flow: _Flow, node: fx.Node) -> None:
         return
     first, last = used[0], used[-1]
     index_nd = len(_shape(node)) - (nd - len(used))
+    run = _constant_run(indices[first], _shape(src)[first]) if len(used) == 1 else None
     for sp in flow.spaces_of(src):
         if any(first <= a <= last for a in sp.axes):
+            # a constant run of channels (Falcon's fused multi-query QKV reads its K/V head as x[:, :, [-1]])
+            if run is not None and flow.slice_part(sp, first, run[0], run[1], flow.new(node, sp.axes)):
+                continue
             flow.barrier(sp.index, f"{node.name}: indexes along a channel axis")
             continue
         axes = tuple(a if a < first else a - len(used) + index_nd for a in sp.axes)
         flow.union(sp.index, flow.new(node, axes, sp.inner), _op_name(node))
+
+
+def _constant_run(index: Any, size: int) -> tuple[int, int] | None:
+    """``(begin, end)`` when ``index`` is a constant 1-D index tensor holding ``begin, ..., end - 1``."""
+    while isinstance(index, fx.Node) and index.op == "call_function" and index.target in (
+        aten.lift_fresh_copy.default, aten._to_copy.default, aten.clone.default, aten.detach.default
+    ):
+        index = index.args[0]
+    if not (isinstance(index, fx.Node) and index.op == "get_attr"):
+        return None
+    t = _get_attr(index)
+    if t is None or t.dim() != 1 or not t.numel() or t.dtype.is_floating_point or t.dtype == torch.bool:
+        return None
+    values = [int(v) % size for v in t.tolist()]
+    if values != list(range(values[0], values[0] + len(values))):
+        return None
+    return values[0], values[0] + len(values)
 
 
 def _grouped_mm(flow: _Flow, node: fx.Node) -> None:
@@ -1108,6 +1134,7 @@ OP_RULES: dict[object, Rule] = {
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
     aten.flatten.using_ints: _reshape, aten.unflatten.int: _reshape,
     aten.unsqueeze.default: _unsqueeze, aten.expand.default: _expand, aten.expand_as.default: _expand,
+    aten.broadcast_to.default: _expand,
     aten.squeeze.dim: _squeeze, aten.squeeze.default: _squeeze, aten.squeeze.dims: _squeeze,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index_select.default: _index_select,
     aten.index.Tensor: _index, aten._grouped_mm.default: _grouped_mm,

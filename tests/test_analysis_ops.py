@@ -175,12 +175,17 @@ def test_matmul_with_transposed_weight_is_a_linear():
         torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_falcon_linears_are_eligible_and_permutable():
+@pytest.mark.parametrize("variant", [
+    dict(multi_query=False, parallel_attn=False),  # separate heads, sequential blocks
+    dict(),  # multi-query: K/V read from the fused projection as x[:, :, [-1]] (a constant index)
+    dict(new_decoder_architecture=True, num_kv_heads=2),  # grouped-query through broadcast_to
+])
+def test_falcon_linears_are_eligible_and_permutable(variant):
     t = hf_models.transformers
     torch.manual_seed(0)
     cfg = t.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         multi_query=False, parallel_attn=False, use_cache=False, bos_token_id=1, eos_token_id=2)
-    model = t.FalconForCausalLM(cfg).eval()
+                         use_cache=False, bos_token_id=1, eos_token_id=2, **variant)
+    model = hf_models.randomized(t.FalconForCausalLM(cfg).eval())
     ids = torch.randint(3, 96, (2, 8))
     reference = copy.deepcopy(model)
     plan = _check(model, ids)
