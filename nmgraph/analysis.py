@@ -775,7 +775,8 @@ def _reshape(flow: _Flow, node: fx.Node) -> None:
                 repeat = math.prod(ins[a] for a in big_ci[1:])
                 out_axes.extend(a for a in cj if outs[a] != 1)
                 repeat_of = (repeat, s.channels // ins[hit[0]])  # (copies, channels per head)
-            elif len(hit) == 1 and hit == big_ci[-1:] and s.inner == 1 and repeat_of is None:
+            elif (len(hit) == 1 and hit == big_ci[-1:] and s.inner == 1 and repeat_of is None
+                  and len(s.axes) == 1 and sum(outs[a] != 1 for a in cj) == 1):
                 # channels are the minor part of the merged axis (multi-query attention's one K/V head
                 # merged with the query heads): every major index holds a copy of the block, each
                 # permuted like the source
@@ -1461,6 +1462,8 @@ def _collect_groups(flow: _Flow, tensors, canonical, eligible_node_of, layers):
         owner[r] = sroot
         for reason in c.barriers:
             flow.barrier(sroot, f"its repeated heads: {reason}")
+        if c.block and c.block % block:  # a finer block on the copies (heads) binds the source too
+            flow.constrain_block(sroot, math.gcd(c.block, block))
         for s, off, width, rep, _, stride in members_of.get(r, []):
             if s.node.op == "get_attr":
                 if rep != 1 or off or stride:

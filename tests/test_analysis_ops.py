@@ -382,3 +382,27 @@ def test_multi_query_attention_output_projection_follows_the_shared_head(kind):
     assert plan.permutable_fraction == 1.0
     g = _group_with(plan, o_proj, 1)
     assert any(m.name == o_proj and m.repeat == 4 for m in g.members)
+
+
+def _xglm():
+    t = hf_models.transformers
+    return t.XGLMForCausalLM(t.XGLMConfig(vocab_size=96, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
+                                          max_position_embeddings=64, pad_token_id=1, bos_token_id=0, use_cache=False,
+                                          eos_token_id=2))
+
+
+def _convbert():
+    t = hf_models.transformers
+    return t.ConvBertForSequenceClassification(t.ConvBertConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, embedding_size=64, head_ratio=2, conv_kernel_size=3, num_groups=1,
+        num_labels=3))
+
+
+@pytest.mark.parametrize("factory", [_xglm, _convbert], ids=["xglm", "convbert"])
+def test_merges_of_heads_into_batch_keep_head_blocks(factory):
+    # XGLM reshapes [b, heads, s, d] -> [b * heads, s, d] before bmm; ConvBERT reshapes its [b, s, 6]
+    # kernel logits into [b * s * 2, 3, 1]: neither may let channels cross a head (both once did)
+    torch.manual_seed(0)
+    model = hf_models.randomized(factory().eval())
+    _check(model, torch.randint(3, 96, (2, 8)), seeds=(0, 1, 2))
