@@ -458,7 +458,7 @@ _CAST_OPS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to
              aten.contiguous.default, aten.alias.default, aten.detach.default)
 
 
-def _weight_source(node: Any) -> Any:
+def weight_source(node: Any) -> Any:
     """``W`` for ``W.to(dtype)`` / ``W.float()`` / ``W.contiguous()`` (chains too); else ``node``."""
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CAST_OPS and \
             isinstance(node.args[0], fx.Node):
@@ -467,7 +467,7 @@ def _weight_source(node: Any) -> Any:
 
 
 def _linear(flow: _Flow, node: fx.Node) -> None:
-    x, w = node.args[0], _weight_source(node.args[1])
+    x, w = node.args[0], weight_source(node.args[1])
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if not _is_weight(w):
         reason = f"{node.name}: linear with a computed weight"
@@ -484,7 +484,7 @@ def _addmm(flow: _Flow, node: fx.Node) -> None:
     _linear_like(flow, node, x, w, b, 0, 1)
 
 
-def _transposed_weight(node: Any, batched: bool = False) -> fx.Node | None:
+def transposed_weight(node: Any, batched: bool = False) -> fx.Node | None:
     """The 2-D parameter ``W`` when ``node`` is ``W.T`` (``t``, ``numpy_T``, ``transpose(0, 1)``,
     ``permute([1, 0])``): ``x @ W.T`` is a Linear with ``W`` stored ``[out, in]`` (Falcon).
     ``batched``: instead a 3-D ``W [experts, out, in]`` read as ``W.transpose(-2, -1)``."""
@@ -508,7 +508,7 @@ def _mm(flow: _Flow, node: fx.Node) -> None:
     x, w = node.args[:2]
     if _is_weight(w) and len(_shape(w)) == 2:
         return _linear_like(flow, node, x, w, None, 0, 1)
-    wt = _transposed_weight(w)
+    wt = transposed_weight(w)
     if wt is not None:
         return _linear_like(flow, node, x, wt, None, 1, 0)
     _matmul_activations(flow, node, x, w)
@@ -937,7 +937,7 @@ def _grouped_mm(flow: _Flow, node: fx.Node) -> None:
     ``W_e^T`` for ``W [E, N, K]`` read through ``transpose(-2, -1)``. Every expert shares the input
     channel order (``K``) and the output channel order (``N``)."""
     x, w = node.args[0], node.args[1]
-    p = _transposed_weight(w, batched=True)
+    p = transposed_weight(w, batched=True)
     if p is None or len(_shape(x)) != 2:
         for sp in flow.spaces_of(x):
             flow.barrier(sp.index, f"{node.name}: grouped matmul without a [experts, out, in] parameter")
@@ -1194,11 +1194,11 @@ class _Use:
 
 def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
     """How ``node`` uses parameter ``w``: as a GEMM weight with a reduction axis, or not."""
-    if _transposed_weight(node, batched=True) is w:  # MoE experts W [E, out, in] in a grouped GEMM
+    if transposed_weight(node, batched=True) is w:  # MoE experts W [E, out, in] in a grouped GEMM
         users = list(node.users)
         if len(users) == 1 and _rule_of(users[0]) is _grouped_mm and users[0].args[1] is node:
             return _Use(users[0], 2, "grouped_mm")
-    if _transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
+    if transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
         users = list(node.users)
         if len(users) == 1 and users[0].target in (aten.mm.default, aten.matmul.default) and \
                 users[0].args[1] is node and users[0].args[0] is not node:

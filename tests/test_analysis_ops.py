@@ -226,15 +226,6 @@ def test_single_input_channel_conv_is_not_called_depthwise():
     assert dict(plan.skipped)["0.weight"].startswith("depthwise convolution")
 
 
-def _randomize_norms(model):
-    """HF initialises norm weights to 1 and biases to 0, which hides a wrongly coupled norm."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_()
-    return model
-
-
 def _moe(kind):
     t = hf_models.transformers
     common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -250,7 +241,7 @@ def _moe(kind):
 @pytest.mark.parametrize(("kind", "eligible"), [("mixtral", 14), ("qwen2-moe", 22)])
 def test_moe_experts_are_eligible_and_permutable(kind, eligible):
     torch.manual_seed(0)
-    model = _randomize_norms(_moe(kind).eval())
+    model = hf_models.randomized(_moe(kind).eval())
     ids = torch.randint(1, 96, (2, 8))
     pruned_ref = copy.deepcopy(model)
     plan = _check(model, ids)  # random permutations of every group keep the logits
@@ -297,7 +288,7 @@ def test_index_rows_and_single_channel_gate_pass_channels():
 
 def test_moe_experts_train_with_masks_and_fold_exactly():
     torch.manual_seed(0)
-    model = _randomize_norms(_moe("mixtral").train())
+    model = hf_models.randomized(_moe("mixtral").train())
     ids = torch.randint(1, 96, (2, 8))
     gm = nmgraph.prepare(model, (ids,), "2:4", method="sr-ste", permute=False)
     gm(ids).logits.float().pow(2).mean().backward()

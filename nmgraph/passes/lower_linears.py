@@ -195,11 +195,11 @@ def _as_config(config: Any) -> LowerLinearsConfig:
 def _as_linear(gm: fx.GraphModule, node: fx.Node, cfg: LowerLinearsConfig) -> bool:
     """Rewrites ``x @ W.T`` (``matmul``/``mm`` of a transposed 2-D parameter: Falcon's Linear) into
     ``aten.linear(x, W)``, the same computation, so it lowers like any Linear. Returns whether it did."""
-    from nmgraph.analysis import _transposed_weight
+    from nmgraph.analysis import transposed_weight
 
     if node.target not in (_aten.matmul.default, _aten.mm.default) or len(node.args) != 2:
         return False
-    w = _transposed_weight(node.args[1])
+    w = transposed_weight(node.args[1])
     if w is None or (cfg.weights is not None and w.target not in cfg.weights):
         return False
     transposed = node.args[1]
@@ -214,9 +214,9 @@ def _skip_other_consumers(node: fx.Node, st: _State) -> None:
     """A listed weight read by an op that does not lower is reported once per node."""
     if st.cfg.weights is None:
         return
-    from nmgraph.analysis import _transposed_weight
+    from nmgraph.analysis import transposed_weight
 
-    if _transposed_weight(node) is not None and all(
+    if transposed_weight(node) is not None and all(
         u.target in (_aten.matmul.default, _aten.mm.default) and u.args[1] is node and len(u.args) == 2
         for u in node.users
     ):
@@ -242,9 +242,9 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: tuple[int, int, int | N
     where = node.format_node()
 
     if not isinstance(w, fx.Node) or w.op != "get_attr":
-        from nmgraph.analysis import _weight_source
+        from nmgraph.analysis import weight_source
 
-        src = _weight_source(w)
+        src = weight_source(w)
         if isinstance(src, fx.Node) and src.op == "get_attr" and (cfg.weights is None or src.target in cfg.weights):
             st.seen_weights.add(src.target)
             st.skipped.append(Skip(src.target, f"{where}: the weight is read through {w.format_node()}; only a "
