@@ -258,6 +258,14 @@ def _backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
     if node.target is aten.select.int:
         d = _norm(node.args[1], len(in_shape))
         return src, tuple(a + (a >= d) for a in axes)
+    if node.target is aten.index.Tensor:  # rows picked by index tensors (a per-expert bias [E, out])
+        used = [i for i, t in enumerate(node.args[1]) if t is not None]
+        if used and used == list(range(used[0], used[-1] + 1)):
+            index_nd = len(out_shape) - (len(in_shape) - len(used))
+            first = used[0]
+            if all(a < first or a >= first + index_nd for a in axes):
+                return src, tuple(a if a < first else a - index_nd + len(used) for a in axes)
+        return None
     if rule in (_expand, _unsqueeze):
         if rule is _expand:
             mapped = tuple(a - (len(out_shape) - len(in_shape)) for a in axes)
@@ -937,12 +945,14 @@ def _grouped_mm(flow: _Flow, node: fx.Node) -> None:
     ``W_e^T`` for ``W [E, N, K]`` read through ``transpose(-2, -1)``. Every expert shares the input
     channel order (``K``) and the output channel order (``N``)."""
     x, w = node.args[0], node.args[1]
+    if _is_weight(w) and len(_shape(w)) == 3 and len(_shape(x)) == 2:  # W [E, in, out] read directly (GPT-OSS)
+        return _linear_like(flow, node, x, w, None, 1, 2)
     p = transposed_weight(w, batched=True)
     if p is None or len(_shape(x)) != 2:
         for sp in flow.spaces_of(x):
-            flow.barrier(sp.index, f"{node.name}: grouped matmul without a [experts, out, in] parameter")
-        flow.barrier(flow.new(node, (len(_shape(node)) - 1,)), f"{node.name}: grouped matmul without a "
-                     "[experts, out, in] parameter")
+            flow.barrier(sp.index, f"{node.name}: grouped matmul without an expert weight parameter")
+        flow.barrier(flow.new(node, (len(_shape(node)) - 1,)), f"{node.name}: grouped matmul without an "
+                     "expert weight parameter")
         return
     _linear_like(flow, node, x, p, None, 2, 1)
 
@@ -1198,6 +1208,8 @@ def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
         users = list(node.users)
         if len(users) == 1 and _rule_of(users[0]) is _grouped_mm and users[0].args[1] is node:
             return _Use(users[0], 2, "grouped_mm")
+    if _rule_of(node) is _grouped_mm and node.args[1] is w and len(_shape(w)) == 3 and node.args[0] is not w:
+        return _Use(node, 1, "grouped_mm")  # experts stored [E, in, out]
     if transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
         users = list(node.users)
         if len(users) == 1 and users[0].target in (aten.mm.default, aten.matmul.default) and \

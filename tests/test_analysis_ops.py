@@ -397,3 +397,22 @@ def test_merges_of_heads_into_batch_keep_head_blocks(factory):
     torch.manual_seed(0)
     model = hf_models.randomized(factory().eval())
     _check(model, torch.randint(3, 96, (2, 8)), seeds=(0, 1, 2))
+
+
+def test_experts_stored_in_out_with_per_expert_bias():
+    # GPT-OSS keeps experts as [E, in, out] (read directly by the grouped GEMM) with a bias [E, out]
+    # picked per token by expert id, and interleaves gate/up columns (strided slices)
+    t = hf_models.transformers
+    torch.manual_seed(0)
+    cfg = t.GptOssConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                         num_experts_per_tok=2, sliding_window=4, use_cache=False, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    model = hf_models.randomized(t.GptOssForCausalLM(cfg).eval())
+    plan = _check(model, torch.randint(3, 96, (2, 8)))
+    experts = [i for i in plan.layers if i.op == "grouped_mm"]
+    assert len(experts) == 4 and all(i.axis == 1 for i in experts)
+    g = _group_with(plan, "model.layers.0.mlp.experts.gate_up_proj", 1)  # the residual stream
+    names = {(m.name, m.axis) for m in g.members}
+    assert ("model.layers.0.self_attn.o_proj.weight", 0) in names
+    assert ("model.layers.0.mlp.experts.down_proj_bias", 1) in names
