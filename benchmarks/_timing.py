@@ -21,14 +21,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 30,
             import triton.testing
 
             return float(triton.testing.do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median"))
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    return interleaved_median_ms({"fn": fn}, device, reps=reps, warmup=warmup)["fn"]
 
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int = 30,

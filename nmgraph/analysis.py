@@ -512,11 +512,20 @@ def transposed_weight(node: Any, batched: bool = False) -> fx.Node | None:
     return w
 
 
+def linear_of_transposed(node: fx.Node) -> fx.Node | None:
+    """``W`` when ``node`` computes ``x @ W.T`` (``mm``/``matmul`` of a transposed 2-D parameter),
+    which is ``aten.linear(x, W)``."""
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.matmul.default) or \
+            len(node.args) != 2 or node.args[0] is node.args[1]:
+        return None
+    return transposed_weight(node.args[1])
+
+
 def _mm(flow: _Flow, node: fx.Node) -> None:
     x, w = node.args[:2]
     if _is_weight(w) and len(_shape(w)) == 2:
         return _linear_like(flow, node, x, w, None, 0, 1)
-    wt = transposed_weight(w)
+    wt = linear_of_transposed(node)
     if wt is not None:
         return _linear_like(flow, node, x, wt, None, 1, 0)
     _matmul_activations(flow, node, x, w)
@@ -565,10 +574,6 @@ def _matmul_activations(flow: _Flow, node: fx.Node, a, b, bias=None) -> None:
     if isinstance(bias, fx.Node):
         for s in flow.spaces_of(node):
             flow.union(s.index, flow.at(bias, (len(_shape(bias)) - 1,)), _op_name(node))
-
-
-def _matmul(flow: _Flow, node: fx.Node) -> None:
-    _mm(flow, node)
 
 
 def _conv_groups(node: fx.Node) -> int:
@@ -1126,7 +1131,7 @@ OP_RULES: dict[object, Rule] = {
     aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.log_softmax.int: _softmax,
     aten._log_softmax.default: _softmax,
     aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _mm,
-    aten.matmul.default: _matmul, aten.bmm.default: _mm,
+    aten.matmul.default: _mm, aten.bmm.default: _mm,
     aten.conv1d.default: _conv, aten.conv2d.default: _conv, aten.conv3d.default: _conv,
     aten.conv1d.padding: _conv, aten.conv2d.padding: _conv, aten.conv3d.padding: _conv,
     aten.convolution.default: _conv,
@@ -1210,11 +1215,10 @@ def _weight_use(node: fx.Node, w: fx.Node) -> _Use:
             return _Use(users[0], 2, "grouped_mm")
     if _rule_of(node) is _grouped_mm and node.args[1] is w and len(_shape(w)) == 3 and node.args[0] is not w:
         return _Use(node, 1, "grouped_mm")  # experts stored [E, in, out]
-    if transposed_weight(node) is w:  # x @ W.T: W [out, in] reduces along axis 1
-        users = list(node.users)
-        if len(users) == 1 and users[0].target in (aten.mm.default, aten.matmul.default) and \
-                users[0].args[1] is node and users[0].args[0] is not node:
-            return _Use(users[0], 1, _MATMUL_WEIGHT[users[0].target][2])
+    if transposed_weight(node) is w and len(node.users) == 1:  # x @ W.T: W [out, in] reduces along axis 1
+        user = next(iter(node.users))
+        if linear_of_transposed(user) is w:
+            return _Use(user, 1, _MATMUL_WEIGHT[user.target][2])
     spec = _MATMUL_WEIGHT.get(node.target)
     if spec is None:
         return _Use(node, None, _op_name(node), f"used by {_op_name(node)} ({node.name}), not a matmul or conv")

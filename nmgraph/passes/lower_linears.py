@@ -141,15 +141,12 @@ def lower_linears(gm: fx.GraphModule, config: LowerLinearsConfig | Mapping[str, 
     dispatcher = cfg.dispatcher if cfg.dispatcher is not None else (Dispatcher() if cfg.backend == "auto" else None)
     st = _State(cfg, pattern, dispatcher)
     backends: dict[str, str] = {}
-    rewritten = False
+    rewritten = _rewrite_transposed_linears(gm, cfg)
 
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         spec = _LINEAR_OPS.get(node.target)
-        if spec is None and _as_linear(gm, node, cfg):
-            spec = _LINEAR_OPS[node.target]
-            rewritten = True
         if spec is None:
             _skip_other_consumers(node, st)
             continue
@@ -192,35 +189,30 @@ def _as_config(config: Any) -> LowerLinearsConfig:
     )
 
 
-def _as_linear(gm: fx.GraphModule, node: fx.Node, cfg: LowerLinearsConfig) -> bool:
-    """Rewrites ``x @ W.T`` (``matmul``/``mm`` of a transposed 2-D parameter: Falcon's Linear) into
-    ``aten.linear(x, W)``, the same computation, so it lowers like any Linear. Returns whether it did."""
-    from nmgraph.analysis import transposed_weight
+def _rewrite_transposed_linears(gm: fx.GraphModule, cfg: LowerLinearsConfig) -> int:
+    """Rewrites every ``x @ W.T`` of a listed 2-D parameter (``matmul``/``mm`` of its transpose:
+    Falcon's Linear) into ``aten.linear(x, W)``, the same computation, so it lowers like any Linear;
+    transposes left unread are erased. Returns how many it rewrote."""
+    from nmgraph.analysis import linear_of_transposed
 
-    if node.target not in (_aten.matmul.default, _aten.mm.default) or len(node.args) != 2:
-        return False
-    w = transposed_weight(node.args[1])
-    if w is None or (cfg.weights is not None and w.target not in cfg.weights):
-        return False
-    transposed = node.args[1]
-    node.target = _aten.linear.default
-    node.args = (node.args[0], w)
-    if not transposed.users:
-        gm.graph.erase_node(transposed)
-    return True
+    count = 0
+    for node in list(gm.graph.nodes):
+        w = linear_of_transposed(node)
+        if w is None or (cfg.weights is not None and w.target not in cfg.weights):
+            continue
+        transposed = node.args[1]
+        node.target = _aten.linear.default
+        node.args = (node.args[0], w)
+        if not transposed.users:
+            gm.graph.erase_node(transposed)
+        count += 1
+    return count
 
 
 def _skip_other_consumers(node: fx.Node, st: _State) -> None:
     """A listed weight read by an op that does not lower is reported once per node."""
     if st.cfg.weights is None:
         return
-    from nmgraph.analysis import transposed_weight
-
-    if transposed_weight(node) is not None and all(
-        u.target in (_aten.matmul.default, _aten.mm.default) and u.args[1] is node and len(u.args) == 2
-        for u in node.users
-    ):
-        return  # W.T read by x @ W.T: the matmul is rewritten to aten.linear(x, W) when it is reached
     for arg in node.all_input_nodes:
         if arg.op == "get_attr" and arg.target in st.cfg.weights:
             st.seen_weights.add(arg.target)
