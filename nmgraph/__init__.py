@@ -26,6 +26,7 @@ from nmgraph.errors import (
     VerificationError,
 )
 from nmgraph.export import ExportReport, export
+from nmgraph.oneshot import CalibrationError, SparsifyReport, sparsify
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
 from nmgraph.permutation_search import SearchResult, kept_score, search_permutation
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CalibrationError",
     "CaptureError",
     "CompiledModule",
     "CompressedNM",
@@ -53,6 +55,7 @@ __all__ = [
     "SerializationError",
     "ShapeError",
     "Skip",
+    "SparsifyReport",
     "SparsityCallback",
     "SparsityPlan",
     "StrictModeError",
@@ -73,4 +76,5 @@ __all__ = [
     "prepare",
     "save",
     "search_permutation",
+    "sparsify",
 ]

@@ -1,0 +1,381 @@
+"""``nmgraph.sparsify``: one call from a dense model to an N:M model, pruned in place, with a report.
+
+Steps: read the calibration data; capture the model and analyze it (which weights can be N:M, which
+channels move together); run the dense model on held-out samples; for a data-aware method measure
+the dense model's input statistics; search a channel permutation per group under the method's own
+saliency within the time budget and apply it (:mod:`nmgraph.oneshot.permutation`); prune every
+eligible weight layer by layer (:mod:`nmgraph.oneshot.sequential`); run the held-out samples again
+and report how far the outputs moved.
+
+The model is changed in place: the captured graph's parameters *are* the model's Parameter objects,
+so permuting and pruning them changes the user's module, which stays the same object with its own
+methods (``generate``, ``save_pretrained``). If anything fails (or is interrupted) the model is put
+back exactly as it was: pruned weights are restored from an undo log (in memory up to a limit, then
+in a temporary directory, never as a copy of the whole model) and permutations are undone by their
+inverses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import nmgraph
+from nmgraph.errors import CaptureError, PlanError, StrictModeError
+from nmgraph.oneshot.calibration import Calibration, CalibrationError, Sample, load_calibration
+from nmgraph.oneshot.permutation import DEFAULT_MAX_ROWS, search_groups
+from nmgraph.oneshot.report import GroupReport, LayerReport, SparsifyReport
+from nmgraph.oneshot.sequential import METHODS, collect_statistics, prune_layers
+from nmgraph.oneshot.taps import Geometry, find_taps
+
+__all__ = ["METHODS", "sparsify"]
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("none", "random", "greedy", "exhaustive")
+UNDO_MEMORY_BYTES = 256 * 2**20  # weights saved for rollback in memory up to this, then on disk
+MAX_HOLDOUT = 8
+# Cost model for sharing a time limit (ratios measured on CPU, see docs/results.md): the pruning pass
+# relative to the statistics pass, and both relative to one forward pass of the calibration set.
+PRUNE_OVER_STATS = {"wanda": 1.3, "sparsegpt": 1.6}
+STATS_OVER_FORWARD = {"wanda": 1.5, "sparsegpt": 3.0}
+MAGNITUDE_OVER_FORWARD = 2.5
+
+
+def sparsify(
+    model: torch.nn.Module,
+    pattern: Any = "2:4",
+    method: str = "magnitude",
+    example_inputs: Any = None,
+    calibration: Any = None,
+    permute: bool = True,
+    time_limit: float | None = None,
+    progress: bool | None = None,
+    *,
+    num_samples: int | None = 128,
+    seq_len: int | None = None,
+    holdout: int | None = None,
+    sequential: bool = True,
+    search: str = "greedy",
+    seed: int = 0,
+    max_score_rows: int = DEFAULT_MAX_ROWS,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dense_head: bool = True,
+    strict: bool = False,
+) -> SparsifyReport:
+    """Makes every eligible weight of ``model`` exactly N:M, in place, and reports what it cost.
+
+    ``method``: ``"magnitude"`` (keep the largest ``|w|``), ``"wanda"`` (``|w| * ||x||``, Sun et al.
+    2023) or ``"sparsegpt"`` (OBS mask and reconstruction, Frantar & Alistarh 2023); the data-aware
+    two need ``calibration``: an iterable of model inputs (tensors, tuples of positional inputs, dicts
+    of keyword inputs) or a DataLoader, read by :func:`nmgraph.oneshot.load_calibration` with
+    ``num_samples`` and ``seq_len``. The last ``holdout`` samples (default: an eighth, 1 to 8) are not
+    used for statistics but to measure the output change. ``example_inputs`` (positional inputs, or a
+    dict of keyword inputs) is used when there is no calibration data: to capture, and as the one
+    sample. The model is captured with the first calibration sample.
+
+    ``permute``: first search a channel permutation per group of the plan under the method's own
+    saliency (row-sampled to ``max_score_rows`` rows per group) and apply it when it keeps more.
+    ``time_limit`` (seconds) bounds the whole call: the search gets what an estimate of the other
+    stages leaves (``report.stages`` shows where the time went); pruning itself is never cut short.
+    ``progress``: tqdm bars (default: when stderr is a terminal). ``sequential=False`` takes every
+    layer's statistics from the dense model in one pass (small models); the default prunes layer by
+    layer, each with the inputs of the already-pruned layers before it, holding one block's
+    activations. ``blocksize``/``percdamp``: SparseGPT's column block and dampening. ``include``,
+    ``exclude``, ``dense_head``: as for :func:`nmgraph.analyze`. ``strict``: a weight left dense or
+    pruned by magnitude for lack of calibration inputs raises :class:`StrictModeError`.
+
+    Raises :class:`PlanError` (bad ``method``, ``search`` or numbers), :class:`CalibrationError`,
+    :class:`CaptureError`, :class:`StrictModeError`; after any error the model is as it was.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"sparsify() needs a torch.nn.Module, got {type(model).__name__}.")
+    p = nmgraph.Pattern.parse(pattern)
+    if method not in METHODS:
+        raise PlanError(f"method={method!r} is not a one-shot pruning method; valid methods: "
+                        f"{', '.join(repr(m) for m in METHODS)}.")
+    if search not in SEARCHES:
+        raise PlanError(f"search={search!r} is not a permutation search; valid: {', '.join(map(repr, SEARCHES))}.")
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit >= 0):
+        raise PlanError(f"time_limit must be None or a number of seconds >= 0, got {time_limit!r}.")
+    if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0):
+        raise PlanError(f"holdout must be None or an int >= 0, got {holdout!r}.")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise PlanError(f"blocksize must be a positive int, got {blocksize!r}.")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+        raise PlanError(f"percdamp must be a number >= 0, got {percdamp!r}.")
+    if isinstance(max_score_rows, bool) or not isinstance(max_score_rows, int) or max_score_rows < 1:
+        raise PlanError(f"max_score_rows must be a positive int, got {max_score_rows!r}.")
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    notes: list[str] = []
+    stages: dict[str, float] = {}
+
+    cal = _calibration(model, method, example_inputs, calibration, num_samples, seq_len, notes)
+    n = len(cal)
+    h = holdout if holdout is not None else (0 if n < 2 else max(1, min(MAX_HOLDOUT, n // 8)))
+    if h >= n:
+        raise CalibrationError(f"holdout={h} leaves no calibration sample out of {n}; pass more samples or a "
+                               "smaller holdout.")
+    calib = list(cal.samples[: n - h])
+    evaluation = list(cal.samples[n - h:]) if h else calib[:MAX_HOLDOUT]
+    stages["read"] = time.perf_counter() - start
+
+    was_training = model.training
+    undo = _UndoLog()
+    applied: dict[int, torch.Tensor] = {}
+    gm = plan = None
+    try:
+        model.eval()
+        t = time.perf_counter()
+        gm = nmgraph.capture(model, calib[0][0], calib[0][1])
+        plan = nmgraph.analyze(gm, p, include=include, exclude=exclude, dense_head=dense_head)
+        stages["capture"] = time.perf_counter() - t
+        if strict and plan.skipped:
+            raise StrictModeError(f"strict=True and {len(plan.skipped)} weights would stay dense, e.g. "
+                                  f"{plan.skipped[0].name}: {plan.skipped[0].reason}. Pass strict=False to "
+                                  "leave them dense, or include=/exclude= to choose.")
+        taps = find_taps(gm, plan.layers)
+        geometry = {i.name: Geometry.of(i.shape, i.axis, taps[i.name][0]) for i in plan.layers}
+
+        t = time.perf_counter()
+        reference = _evaluate(model, evaluation)
+        t_eval = time.perf_counter() - t
+        stages["reference"] = t_eval
+        per_sample = t_eval / max(len(evaluation), 1)
+
+        groups: list[GroupReport] = []
+        per_layer: dict[str, tuple[float, float]] = {}
+        searchable = permute and search != "none" and any(g.consumers for g in plan.groups)
+        if searchable and time_limit is not None:
+            forward = per_sample * len(calib)
+            rest = (STATS_OVER_FORWARD.get(method, 0) * (1 + PRUNE_OVER_STATS.get(method, 0)) * forward
+                    if method != "magnitude" else MAGNITUDE_OVER_FORWARD * forward) + t_eval + 3 * per_sample
+            if time.perf_counter() - start + rest >= time_limit:
+                searchable = False
+                notes.append(f"permutation skipped: the other stages are estimated at {rest:.0f} s, which leaves "
+                             f"no time in time_limit={time_limit:g} s")
+        if searchable:
+            stats: dict[str, torch.Tensor] = {}
+            t_stats = 0.0
+            if method != "magnitude":
+                t = time.perf_counter()
+                stats, _, _ = collect_statistics(gm, taps, geometry, calib, method, percdamp=percdamp, progress=show)
+                t_stats = time.perf_counter() - t
+                stages["statistics"] = t_stats
+            budget = None
+            if time_limit is not None:
+                prune_est = (PRUNE_OVER_STATS[method] * t_stats if method != "magnitude"
+                             else MAGNITUDE_OVER_FORWARD * per_sample * len(calib))
+                budget = time_limit - (time.perf_counter() - start) - prune_est - t_eval - 3 * per_sample
+                budget = max(0.0, budget)
+                notes.append(f"permutation search budget {budget:.1f} s (pruning estimated at {prune_est:.1f} s)")
+            t = time.perf_counter()
+            perms, searched, per_layer = search_groups(gm, plan, method, stats, geometry, search=search, seed=seed,
+                                                       time_limit=budget, max_rows=max_score_rows, progress=show)
+            del stats
+            stages["search"] = time.perf_counter() - t
+            groups = [GroupReport(g.id, g.size, g.block, g.consumers, g.rows_total, g.rows_searched, g.kept_before,
+                                  g.kept_after, g.applied, g.seconds, g.note) for g in searched]
+            if perms:
+                t = time.perf_counter()
+                nmgraph.permute(gm, plan, perms=perms)
+                applied = dict(perms)
+                stages["permute"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        outcomes, peak = prune_layers(gm, taps, geometry, calib, method, p, sequential=sequential,
+                                      blocksize=blocksize, percdamp=percdamp, before_write=undo.save, progress=show)
+        stages["prune"] = time.perf_counter() - t
+        fallbacks = [o for o in outcomes if any("pruned by magnitude" in x for x in o.notes)]
+        if strict and fallbacks:
+            raise StrictModeError(f"strict=True and {fallbacks[0].name} was pruned by magnitude: "
+                                  f"{'; '.join(fallbacks[0].notes)}. Pass calibration data that reaches it.")
+
+        t = time.perf_counter()
+        after = _evaluate(model, evaluation)
+        stages["evaluate"] = time.perf_counter() - t
+        report = _report(model, gm.named_parameters(remove_duplicate=False), plan, p, method, outcomes, groups, per_layer, reference, after, evaluation,
+                         h == 0, cal, len(calib), stages, time_limit, peak, sequential, notes, start)
+    except BaseException:
+        undo.restore()
+        if applied and gm is not None:
+            nmgraph.permute(gm, plan, perms={g: torch.argsort(perm) for g, perm in applied.items()}, verify=False)
+        raise
+    finally:
+        undo.close()
+        model.train(was_training)
+    log.info("%s", report.summary())
+    return report
+
+
+def _calibration(model, method, example_inputs, calibration, num_samples, seq_len, notes) -> Calibration:
+    # transformers' causal LMs return a cache object (DynamicCache) from forward by default, which
+    # capture cannot return; until capture handles it (issue 14), the calibration calls ask for no
+    # cache when the model's forward takes `use_cache` and the data does not set it.
+    try:
+        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts_cache = False
+    extra = {"use_cache": False} if accepts_cache else {}
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = None
+    if calibration is not None:
+        return load_calibration(calibration, num_samples=num_samples, seq_len=seq_len, device=device,
+                                extra_kwargs=extra)
+    if example_inputs is None:
+        raise CalibrationError(
+            f"sparsify(method={method!r}) needs calibration= (an iterable of model inputs or a DataLoader) or, "
+            "for magnitude pruning, example_inputs= to capture the model with.")
+    if method != "magnitude":
+        notes.append(f"no calibration data: {method} statistics come from example_inputs only")
+        log.warning("sparsify(method=%r) without calibration=: using example_inputs as the calibration data", method)
+    if isinstance(example_inputs, dict):
+        item: Any = example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        item = tuple(example_inputs)
+    else:
+        item = (example_inputs,)
+    return load_calibration([item], num_samples=num_samples, seq_len=seq_len, device=device, extra_kwargs=extra)
+
+
+def _main_output(out: Any) -> tuple[torch.Tensor | None, float | None]:
+    """The model's main output (logits / hidden states: its first non-scalar float tensor) and its loss."""
+    loss = None
+    if isinstance(out, torch.Tensor):
+        return out, None
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        items = list(out.items())
+        for k, v in items:
+            if k == "loss" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                loss = float(v)
+        values = [v for k, v in items if k != "loss"]
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+        if values and isinstance(values[0], torch.Tensor) and values[0].dim() == 0 and values[0].is_floating_point():
+            loss = float(values[0])
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 1:
+            return v, loss
+    return None, loss
+
+
+def _evaluate(model: torch.nn.Module, samples: list[Sample]) -> list[tuple[torch.Tensor | None, float | None]]:
+    results = []
+    with torch.no_grad():
+        for args, kwargs in samples:
+            main, loss = _main_output(model(*args, **kwargs))
+            results.append((None if main is None else main.detach().clone(), loss))
+    return results
+
+
+def _compressed_bytes(shape: tuple[int, ...], axis: int, elem: int, p: Any) -> int:
+    k = shape[axis]
+    rows = math.prod(shape) // k
+    kept = k // p.m * p.n
+    return rows * kept * elem + p.index_bits * rows * math.ceil(kept / 8)
+
+
+def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, reference, after, evaluation, in_sample, cal,
+            n_calib, stages, time_limit, peak, sequential, notes, start) -> SparsifyReport:
+    own = list(model.parameters())  # each Parameter once, tied ones included once
+    params = dict(gm_params)
+    by_name = {i.name: i for i in plan.layers}
+    total = sum(t.numel() for t in own)
+    dense_bytes = sum(t.numel() * t.element_size() for t in own)
+    pruned = [o for o in outcomes if o.name in by_name]
+    nm = sum(math.prod(by_name[o.name].shape) for o in pruned)
+    sparse_bytes = dense_bytes
+    for o in pruned:
+        info = by_name[o.name]
+        elem = params[o.name].element_size() if o.name in params else 4
+        sparse_bytes += _compressed_bytes(info.shape, info.axis, elem, p) - math.prod(info.shape) * elem
+    num = den = 0.0
+    for (y0, _), (y1, _) in zip(reference, after):
+        if y0 is not None and y1 is not None and y0.shape == y1.shape:
+            num += float((y1.float() - y0.float()).pow(2).sum())
+            den += float(y0.float().pow(2).sum())
+    out_err = (num / den) ** 0.5 if den > 0 else None
+    losses0 = [x for _, x in reference if x is not None]
+    losses1 = [x for _, x in after if x is not None]
+    layers = []
+    for o in outcomes:
+        info = by_name[o.name]
+        before, kept_after = per_layer.get(o.name, (0.0, 0.0))
+        gain = (kept_after - before) / before if before > 0 else 0.0
+        layers.append(LayerReport(o.name, info.module, tuple(info.shape), info.axis, method, o.rel_error,
+                                  o.kept_saliency, gain, o.tokens, o.seconds, tuple(o.notes)))
+    perm_gain = None
+    if per_layer:
+        b = sum(v[0] for v in per_layer.values())
+        a = sum(v[1] for v in per_layer.values())
+        perm_gain = (a - b) / b if b > 0 else 0.0
+    return SparsifyReport(
+        pattern=str(p), method=method, params_total=total, params_nm=nm, bytes_dense=dense_bytes,
+        bytes_sparse=sparse_bytes, output_rel_error=out_err,
+        loss_dense=sum(losses0) / len(losses0) if losses0 else None,
+        loss_sparse=sum(losses1) / len(losses1) if losses1 else None,
+        eval_samples=len(evaluation), eval_in_sample=in_sample, permutation_gain=perm_gain,
+        calibration_samples=n_calib, tokens_per_sample=cal.tokens, seconds=time.perf_counter() - start,
+        stages=dict(stages), time_limit=time_limit, peak_activation_bytes=peak, sequential=sequential,
+        layers=tuple(layers), groups=tuple(groups), skipped=tuple((s.name, s.reason) for s in plan.skipped),
+        notes=tuple(notes))
+
+
+class _UndoLog:
+    """Original values of the weights pruning overwrites: in memory up to ``memory_bytes``, then in a
+    temporary directory (removed by :meth:`close`)."""
+
+    def __init__(self, memory_bytes: int = UNDO_MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
+        self.used = 0
+        self.saved: dict[str, tuple[torch.Tensor, torch.Tensor | str]] = {}
+        self.dir: str | None = None
+
+    def save(self, name: str, param: torch.Tensor) -> None:
+        if name in self.saved:
+            return
+        t = param.detach()
+        nbytes = t.numel() * t.element_size()
+        if self.used + nbytes <= self.memory_bytes:
+            self.saved[name] = (param, t.clone())
+            self.used += nbytes
+            return
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="nmgraph-undo-")
+        path = os.path.join(self.dir, f"{len(self.saved)}.pt")
+        torch.save(t.contiguous(), path)
+        self.saved[name] = (param, path)
+
+    def restore(self) -> None:
+        """Writes every saved original back into its parameter (latest first)."""
+        with torch.no_grad():
+            for param, value in reversed(list(self.saved.values())):
+                if isinstance(value, str):
+                    value = torch.load(value, weights_only=True)
+                param.copy_(value)
+
+    def close(self) -> None:
+        self.saved.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
