@@ -52,6 +52,7 @@ __all__ = ["GraphRunner", "LayerOutcome", "collect_statistics", "prune_layers"]
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+ERROR_SAMPLES = 8  # samples a layer's output error is recomputed on when the method keeps no Hessian
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,22 +415,27 @@ class LayerOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _direct_error(tap: Tap, runner: GraphRunner, old: torch.Tensor, new: torch.Tensor) -> tuple[float, float, int]:
-    """``(||X D^T||^2, ||X W^T||^2, tokens)`` summed over samples and problems, ``D = W - W'``, in
-    the activations' precision (accumulated in float32)."""
-    acts = runner.values(tap.act)
-    offs = runner.values(tap.offs) if tap.offs is not None else [None] * len(acts)
+def _direct_error(tap: Tap, runner: GraphRunner, old: torch.Tensor, new: torch.Tensor,
+                  samples: int | None) -> tuple[float, float, int]:
+    """``(||X D^T||^2, ||X W^T||^2, tokens)`` over the first ``samples`` samples and every problem,
+    ``D = W - W'``, in the activations' precision (accumulated in float32)."""
+    acts = runner.values(tap.act)[:samples]
+    offs = runner.values(tap.offs)[:samples] if tap.offs is not None else [None] * len(acts)
     num = den = 0.0
     tokens = 0
-    diff = old - new
+    rows = old.shape[1]
+    both: dict[torch.dtype, torch.Tensor] = {}  # [W; W - W'] per problem: one matmul per sample and problem
     for a, o in zip(acts, offs):
         for p, x in enumerate(tap_features(tap, a, o)):
             if x.shape[0] == 0:
                 continue
             tokens += int(x.shape[0])
             dt = x.dtype if x.is_floating_point() else torch.float32
-            num += float((x @ diff[p].to(dt).t()).float().pow(2).sum())
-            den += float((x @ old[p].to(dt).t()).float().pow(2).sum())
+            if dt not in both:
+                both[dt] = torch.cat([old, old - new], dim=1).to(dt)
+            y = (x @ both[dt][p].t()).float()
+            den += float(y[:, :rows].pow(2).sum())
+            num += float(y[:, rows:].pow(2).sum())
     return num, den, tokens
 
 
@@ -502,10 +508,13 @@ def prune_layers(
     percdamp: float = 0.01,
     before_write: Callable[[str, torch.Tensor], None] | None = None,
     progress: bool = False,
+    error_samples: int | None = ERROR_SAMPLES,
 ) -> tuple[list[LayerOutcome], int]:
     """Prunes every weight of ``taps`` in place (module docstring); returns the outcomes in pruning
     order and the runner's peak activation bytes. ``before_write(name, param)`` is called before a
-    weight is overwritten (the caller's undo log)."""
+    weight is overwritten (the caller's undo log). A layer's output error comes from its Hessian
+    when the method has one (every sample), else from recomputing its output on the first
+    ``error_samples`` samples (``None``: all)."""
     p = nmgraph.Pattern.parse(pattern)
     params = dict(gm.named_parameters(remove_duplicate=False))
     all_taps = [t for ts in taps.values() for t in ts]
@@ -532,7 +541,7 @@ def prune_layers(
         if acc is not None and acc.h is not None:
             num, den = _hessian_error(acc, old, new)
         elif tap is not None:
-            num, den, tokens = _direct_error(tap, runner, old, new)
+            num, den, tokens = _direct_error(tap, runner, old, new, error_samples)
         else:
             num = den = 0.0
         if before_write is not None:

@@ -35,7 +35,7 @@ from nmgraph.errors import CaptureError, PlanError, StrictModeError
 from nmgraph.oneshot.calibration import Calibration, CalibrationError, Sample, load_calibration
 from nmgraph.oneshot.permutation import DEFAULT_MAX_ROWS, search_groups
 from nmgraph.oneshot.report import GroupReport, LayerReport, SparsifyReport
-from nmgraph.oneshot.sequential import METHODS, collect_statistics, prune_layers
+from nmgraph.oneshot.sequential import ERROR_SAMPLES, METHODS, collect_statistics, prune_layers
 from nmgraph.oneshot.taps import Geometry, find_taps
 
 __all__ = ["METHODS", "sparsify"]
@@ -75,6 +75,7 @@ def sparsify(
     exclude: Sequence[str] = (),
     dense_head: bool = True,
     strict: bool = False,
+    threads: int | None = None,
 ) -> SparsifyReport:
     """Makes every eligible weight of ``model`` exactly N:M, in place, and reports what it cost.
 
@@ -96,7 +97,10 @@ def sparsify(
     layer, each with the inputs of the already-pruned layers before it, holding one block's
     activations. ``blocksize``/``percdamp``: SparseGPT's column block and dampening. ``include``,
     ``exclude``, ``dense_head``: as for :func:`nmgraph.analyze`. ``strict``: a weight left dense or
-    pruned by magnitude for lack of calibration inputs raises :class:`StrictModeError`.
+    pruned by magnitude for lack of calibration inputs raises :class:`StrictModeError`. ``threads``:
+    torch's intra-op CPU threads for the call (restored afterwards; ``None`` leaves the setting; on a
+    small or busy CPU 1 is often fastest). Statistics, pruning and evaluation run under
+    ``torch.no_grad``.
 
     Raises :class:`PlanError` (bad ``method``, ``search`` or numbers), :class:`CalibrationError`,
     :class:`CaptureError`, :class:`StrictModeError`; after any error the model is as it was.
@@ -121,6 +125,8 @@ def sparsify(
         raise PlanError(f"percdamp must be a number >= 0, got {percdamp!r}.")
     if isinstance(max_score_rows, bool) or not isinstance(max_score_rows, int) or max_score_rows < 1:
         raise PlanError(f"max_score_rows must be a positive int, got {max_score_rows!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PlanError(f"threads must be None or an int >= 1, got {threads!r}.")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     notes: list[str] = []
     stages: dict[str, float] = {}
@@ -136,6 +142,9 @@ def sparsify(
     stages["read"] = time.perf_counter() - start
 
     was_training = model.training
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     undo = _UndoLog()
     applied: dict[int, torch.Tensor] = {}
     gm = plan = None
@@ -198,7 +207,10 @@ def sparsify(
                 stages["permute"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        outcomes, peak = prune_layers(gm, taps, geometry, calib, method, p, sequential=sequential,
+        # magnitude needs no statistics: its pass only measures each layer's output error, on the samples
+        # that measurement uses
+        passed = calib[:ERROR_SAMPLES] if method == "magnitude" else calib
+        outcomes, peak = prune_layers(gm, taps, geometry, passed, method, p, sequential=sequential,
                                       blocksize=blocksize, percdamp=percdamp, before_write=undo.save, progress=show)
         stages["prune"] = time.perf_counter() - t
         fallbacks = [o for o in outcomes if any("pruned by magnitude" in x for x in o.notes)]
@@ -219,6 +231,7 @@ def sparsify(
     finally:
         undo.close()
         model.train(was_training)
+        torch.set_num_threads(saved_threads)
     log.info("%s", report.summary())
     return report
 
@@ -344,8 +357,8 @@ class _UndoLog:
     """Original values of the weights pruning overwrites: in memory up to ``memory_bytes``, then in a
     temporary directory (removed by :meth:`close`)."""
 
-    def __init__(self, memory_bytes: int = UNDO_MEMORY_BYTES) -> None:
-        self.memory_bytes = memory_bytes
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        self.memory_bytes = UNDO_MEMORY_BYTES if memory_bytes is None else memory_bytes
         self.used = 0
         self.saved: dict[str, tuple[torch.Tensor, torch.Tensor | str]] = {}
         self.dir: str | None = None

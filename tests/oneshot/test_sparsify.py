@@ -1,0 +1,168 @@
+"""nmgraph.sparsify end to end: exactly N:M on real architectures, the user's module kept, a report
+with the model-level summary first, typed errors, and the model untouched by a failed call."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import nmgraph
+import nmgraph.oneshot.sequential as sequential_mod
+from nmgraph.errors import PlanError, StrictModeError
+from nmgraph.oneshot import CalibrationError
+from tests.oneshot import models
+
+ARCHS = {
+    "llama": (models.llama, lambda: models.tokens(6)),
+    "qwen2": (models.qwen2, lambda: models.tokens(6)),
+    "gpt2": (models.gpt2, lambda: models.tokens(6)),
+    "bert": (models.bert, lambda: models.tokens(6)),
+    "cnn": (models.cnn, lambda: models.images(6)),
+    "qwen2-moe": (models.qwen2_moe, lambda: models.tokens(6, length=32)),
+}
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, snap):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_data_aware_methods_make_every_eligible_weight_exactly_nm(arch, method):
+    build, data = ARCHS[arch]
+    torch.manual_seed(0)
+    model = build()
+    cls = type(model)
+    report = nmgraph.sparsify(model, "2:4", method=method, calibration=data(), permute=False, progress=False)
+    assert type(model) is cls and not model.training
+    assert report.layers and len(report.layers) + len(report.skipped) >= len(report.layers)
+    for layer in report.layers:
+        w = model.get_parameter(layer.name)
+        assert nmgraph.is_nm(w, "2:4", axis=layer.axis), layer.name
+        assert float((w == 0).float().mean()) >= 0.5, layer.name
+    assert report.output_rel_error is not None and 0 < report.output_rel_error < 2
+    assert all(x.rel_error is not None and x.rel_error >= 0 for x in report.layers)
+    assert report.params_nm == sum(model.get_parameter(x.name).numel() for x in report.layers)
+    if arch == "qwen2-moe":
+        experts = [x for x in report.layers if len(x.shape) == 3]
+        assert len(experts) == 4 and all(x.axis == 2 for x in experts)
+    if arch == "cnn":
+        assert {x.name for x in report.layers} == {"grouped.weight", "point.weight", "fc.weight"}
+        assert "3, not divisible by M=4" in dict(report.skipped)["stem.weight"]
+
+
+def test_report_summary_comes_first_and_round_trips_through_json():
+    torch.manual_seed(0)
+    model = models.llama()
+    report = nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=models.tokens(10), holdout=2,
+                              permute=False)
+    data = json.loads(report.to_json())
+    assert list(data) == ["summary", "layers", "groups", "skipped", "notes"]
+    s = data["summary"]
+    assert list(s)[:2] == ["pattern", "method"] and s["pattern"] == "2:4" and s["method"] == "sparsegpt"
+    assert s["eval_samples"] == 2 and s["calibration_samples"] == 8 and s["tokens_per_sample"] == 16
+    assert 0 < s["nm_share"] < 1 and s["bytes_sparse"] < s["bytes_dense"]
+    assert s["layers_pruned"] == 14 and s["layers_dense"] == 2 and s["peak_activation_bytes"] > 0
+    assert {"capture", "reference", "prune", "evaluate"} <= set(s["stages"])
+    text = str(report)
+    assert text.startswith("sparsify 2:4 by sparsegpt: 14 weights N:M") and "held-out samples" in text
+    assert "lm_head.weight: output head kept dense" in text
+
+
+def test_model_keeps_its_hf_methods_and_loss_is_reported():
+    torch.manual_seed(0)
+    model = models.llama()
+    cal = [{"input_ids": t.unsqueeze(0), "labels": t.unsqueeze(0)} for t in models.tokens(6)]
+    report = nmgraph.sparsify(model, "2:4", method="wanda", calibration=cal, permute=False)
+    assert report.loss_dense is not None and report.loss_sparse is not None
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_permutation_is_scored_by_the_method_and_never_adopted_at_a_loss(method):
+    torch.manual_seed(0)
+    model = models.llama()
+    report = nmgraph.sparsify(model, "2:4", method=method, calibration=models.tokens(6), permute=True,
+                              time_limit=4)
+    assert report.groups and report.permutation_gain is not None and report.permutation_gain >= 0
+    for g in report.groups:
+        assert g.kept_after >= g.kept_before and (g.applied == (g.kept_after > g.kept_before))
+    assert any(g.applied for g in report.groups)
+    assert all(nmgraph.is_nm(model.get_parameter(x.name), "2:4", axis=x.axis) for x in report.layers)
+    assert any(x.permutation_gain > 0 for x in report.layers)
+
+
+@pytest.mark.parametrize("pattern", ["1:4", "4:8"])
+def test_other_patterns(pattern):
+    torch.manual_seed(0)
+    model = models.gpt2()
+    report = nmgraph.sparsify(model, pattern, method="sparsegpt", calibration=models.tokens(4), permute=False)
+    assert all(nmgraph.is_nm(model.get_parameter(x.name), pattern, axis=x.axis) for x in report.layers)
+
+
+def test_magnitude_needs_only_example_inputs():
+    model = models.cnn()
+    report = nmgraph.sparsify(model, "2:4", example_inputs=(torch.randn(2, 3, 16, 16),), permute=False)
+    assert report.method == "magnitude" and len(report.layers) == 3 and report.eval_samples == 1
+    for x in report.layers:
+        w = model.get_parameter(x.name)
+        assert torch.equal(w != 0, nmgraph.nm_mask(w, "2:4", axis=x.axis) & (w != 0))
+
+
+def test_bad_arguments_raise_typed_errors_and_leave_the_model_alone():
+    model = models.llama()
+    snap = _snapshot(model)
+    with pytest.raises(PlanError, match="valid methods: 'magnitude', 'wanda', 'sparsegpt'"):
+        nmgraph.sparsify(model, "2:4", method="obs", calibration=models.tokens(2))
+    with pytest.raises(CalibrationError, match="does not tokenize"):
+        nmgraph.sparsify(model, "2:4", method="wanda", calibration="def f(): pass")
+    with pytest.raises(CalibrationError, match="needs calibration="):
+        nmgraph.sparsify(model, "2:4", method="sparsegpt")
+    with pytest.raises(PlanError, match="time_limit must be"):
+        nmgraph.sparsify(model, "2:4", calibration=models.tokens(2), time_limit=-1)
+    with pytest.raises(nmgraph.PatternError):
+        nmgraph.sparsify(model, "4:2", calibration=models.tokens(2))
+    with pytest.raises(StrictModeError, match="strict=True and 2 weights would stay dense"):
+        nmgraph.sparsify(model, "2:4", calibration=models.tokens(2), strict=True)
+    _assert_same(model, snap)
+    assert not model.training
+
+
+@pytest.mark.parametrize("undo_in_memory", [True, False])
+def test_a_failure_midway_restores_every_weight_and_undoes_the_permutation(monkeypatch, undo_in_memory):
+    torch.manual_seed(0)
+    model = models.llama().train()
+    snap = _snapshot(model)
+    calls = []
+    real = sequential_mod.sparsegpt_prune
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sequential_mod, "sparsegpt_prune", flaky)
+    if not undo_in_memory:  # the module, not the function of the same name that nmgraph.oneshot exports
+        monkeypatch.setattr(importlib.import_module("nmgraph.oneshot.sparsify"), "UNDO_MEMORY_BYTES", 0)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=models.tokens(6), permute=True,
+                         time_limit=4)
+    _assert_same(model, snap)
+    assert model.training and len(calls) == 9
+
+
+def test_a_time_limit_too_small_for_a_search_skips_it_and_says_so():
+    model = models.llama()
+    report = nmgraph.sparsify(model, "2:4", method="wanda", calibration=models.tokens(4), time_limit=0)
+    assert report.groups == () and any("permutation skipped" in n for n in report.notes)
+    assert all(nmgraph.is_nm(model.get_parameter(x.name), "2:4", axis=x.axis) for x in report.layers)
