@@ -165,10 +165,10 @@ def search_groups(
     for g, cols, total in todo:
         t0 = time.perf_counter()
         cost = min(total, max_rows) * g.size
-        budget = None
+        share = None
         if time_limit is not None:
             left = max(0.0, time_limit - (time.perf_counter() - start))
-            budget = left * cost / max(cost_left, 1)
+            share = left * cost / max(cost_left, 1)
         cost_left -= cost
         if g.size % p.m or not cols:
             reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, 0.0, 0.0, False, 0.0,
@@ -191,6 +191,9 @@ def search_groups(
         matrix = torch.cat(sampled)
         del sampled
         rows_searched = matrix.shape[0]
+        budget = None
+        if share is not None:  # the share also pays for building this matrix and for the exact check after
+            budget = share - 2 * (time.perf_counter() - t0)
         if budget is not None and budget <= 0:
             reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, _share(sum(before.values()), grand),
                                        _share(sum(before.values()), grand), False, time.perf_counter() - t0,

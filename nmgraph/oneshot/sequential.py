@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ERROR_SAMPLES = 8  # samples a layer's output error is recomputed on when the method keeps no Hessian
+CHUNK_BYTES = 64 * 2**20  # input rows stacked into one X^T X matmul
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class _Accumulator:
         self.sq = None if full else torch.zeros(problems, k)
 
     def add(self, feats: list[torch.Tensor]) -> None:
+        """Adds one block of input rows per problem."""
         for p, x in enumerate(feats):
             if x.shape[0] == 0:
                 continue
@@ -277,6 +279,23 @@ class _Accumulator:
                     self.h[p].addmm_(xf.t(), xf)
             else:
                 self.sq[p] += xf.pow(2).sum(0)
+
+    def add_samples(self, per_sample: Iterable[list[torch.Tensor]]) -> None:
+        """Adds every sample's rows, several samples per matmul (up to ``CHUNK_BYTES`` of float32 rows)."""
+        pending: list[list[torch.Tensor]] = []
+        size = 0
+        for feats in per_sample:
+            pending.append(feats)
+            size += sum(f.shape[0] for f in feats) * self.k * 4
+            if size >= CHUNK_BYTES:
+                self._flush(pending)
+                pending, size = [], 0
+        if pending:
+            self._flush(pending)
+
+    def _flush(self, pending: list[list[torch.Tensor]]) -> None:
+        problems = len(pending[0])
+        self.add([torch.cat([f[p] for f in pending]) if len(pending) > 1 else pending[0][p] for p in range(problems)])
 
     def hessian(self, p: int) -> torch.Tensor:
         h = self.h[p] if self.h is not None else None
@@ -318,8 +337,7 @@ class _Keys:
             acc = _Accumulator(self.geometry[tap.layer].problems, tap.k, self.full)
             acts = self.runner.values(tap.act)
             offs = self.runner.values(tap.offs) if tap.offs is not None else [None] * len(acts)
-            for a, o in zip(acts, offs):
-                acc.add(tap_features(tap, a, o))
+            acc.add_samples(tap_features(tap, a, o) for a, o in zip(acts, offs))
             self.accs[tap.key] = acc
         return acc
 
@@ -439,24 +457,31 @@ def _direct_error(tap: Tap, runner: GraphRunner, old: torch.Tensor, new: torch.T
     return num, den, tokens
 
 
-def _hessian_error(acc: _Accumulator, old: torch.Tensor, new: torch.Tensor) -> tuple[float, float]:
+def _hessian_error(acc: _Accumulator, old: torch.Tensor, new: torch.Tensor,
+                   known: list[float | None]) -> tuple[float, float]:
+    """``(tr(D H D^T), tr(W H W^T))`` over the problems; ``known[p]``: the first term when the method
+    already has it (SparseGPT's exact error), saving a matmul."""
     num = den = 0.0
     for p in range(old.shape[0]):
         if not acc.rows[p]:
             continue
         h = acc.hessian(p)
-        d = old[p] - new[p]
-        num += float(((d @ h) * d).sum())
+        if known[p] is not None:
+            num += known[p]
+        else:
+            d = old[p] - new[p]
+            num += float(((d @ h) * d).sum())
         den += float(((old[p] @ h) * old[p]).sum())
     return num, den
 
 
 def _prune_problems(
     method: str, w: torch.Tensor, acc: _Accumulator | None, pattern: Any, blocksize: int, percdamp: float,
-) -> tuple[torch.Tensor, torch.Tensor, float | None, list[str]]:
-    """Prunes every problem ``w[p]``: ``(new [P, rows, k], kept mask, kept saliency share, notes)``."""
+) -> tuple[torch.Tensor, float | None, list[str], list[float | None]]:
+    """Prunes every problem ``w[p]``: ``(new [P, rows, k], kept saliency share, notes, exact squared
+    output errors where the method knows them)``."""
     new = torch.empty_like(w)
-    keep = torch.empty_like(w, dtype=torch.bool)
+    known: list[float | None] = [None] * w.shape[0]
     notes: list[str] = []
     kept_sal = total_sal = 0.0
     unseen = []
@@ -475,7 +500,7 @@ def _prune_problems(
             new[p] = wp * kp
         else:
             res = sparsegpt_prune(wp, acc.hessian(p), pattern, blocksize=blocksize, percdamp=percdamp)
-            new[p], kp = res.weight, res.mask
+            new[p], kp, known[p] = res.weight, res.mask, res.sq_error
             d = res.inv_diag
             sal = torch.where(d > 0, wp.pow(2) / d.pow(2).clamp_min(1e-30).unsqueeze(0), torch.zeros(()))
             if res.dead:
@@ -483,7 +508,6 @@ def _prune_problems(
                              + (f" (problem {p})" if w.shape[0] > 1 else "") + ": their weights were set to 0")
             if res.retried:
                 notes.append(f"Cholesky needed {res.precision} and dampening {res.damp:.3g}")
-        keep[p] = kp
         kept_sal += float((sal * kp).sum())
         total_sal += float(sal.sum())
     if unseen:
@@ -492,7 +516,7 @@ def _prune_problems(
         notes.append(f"no calibration input reached {'experts' if w.shape[0] > 1 else 'this layer'} {which}: "
                      "pruned by magnitude")
     share = kept_sal / total_sal if total_sal > 0 else None
-    return new, keep, share, notes
+    return new, share, notes, known
 
 
 def prune_layers(
@@ -536,10 +560,10 @@ def prune_layers(
         param = params[name]
         geom = geometry[name]
         old = geom.to_problems(param)
-        new, _, share, notes = _prune_problems(method, old, acc, p, blocksize, percdamp)
+        new, share, notes, known = _prune_problems(method, old, acc, p, blocksize, percdamp)
         tokens = sum(acc.rows) if acc is not None else 0
         if acc is not None and acc.h is not None:
-            num, den = _hessian_error(acc, old, new)
+            num, den = _hessian_error(acc, old, new, known)
         elif tap is not None:
             num, den, tokens = _direct_error(tap, runner, old, new, error_samples)
         else:

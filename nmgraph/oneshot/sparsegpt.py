@@ -21,7 +21,9 @@ What this module implements, following the paper and its reference code:
   ten times the dampening (up to three times) when a factorisation fails;
 * columns in blocks of ``blocksize`` (default 128, rounded down to a multiple of ``m``) with *lazy
   batch* updates: inside a block every column's error updates only the block, and the rest of the
-  matrix gets one ``Err @ U[block, rest]`` product per block;
+  matrix gets one ``Err @ U[block, rest]`` product per block; the same trick one level down inside a
+  block (a group of ``m`` columns updates its own columns one by one and the rest of the block with
+  one product), which gives the same result as updating every column right away;
 * the N:M mask of each group of ``m`` columns is chosen when the group's first column is reached,
   from the current (already updated) weights, by the OBS saliency ``w^2 / U_jj^2``: the ``n`` largest
   are kept (ties keep the higher index, :func:`nmgraph.nm_mask`'s rule); exactly N:M at the end.
@@ -57,7 +59,8 @@ class SparseGPTResult:
     the sum over pruned weights of the OBS costs ``(w - w')^2 / U_jj^2`` as they were pruned (the
     paper's error estimate, ``||X W^T - X W'^T||^2`` up to the factor of ``H``); ``inv_diag``:
     ``diag((H + damp I)^-1)`` (0 at dead inputs), the ``[H^-1]_jj`` of the order-free OBS saliency;
-    ``retried``: the factorisation needed float64 or more dampening than asked.
+    ``retried``: the factorisation needed float64 or more dampening than asked; ``sq_error``:
+    ``||X W^T - X W'^T||^2`` exactly, from ``obs_loss`` (see the code).
     """
 
     weight: torch.Tensor
@@ -68,6 +71,7 @@ class SparseGPTResult:
     obs_loss: float
     inv_diag: torch.Tensor
     retried: bool = False
+    sq_error: float = 0.0
 
 
 def _damped(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -96,11 +100,7 @@ def inverse_cholesky(
     if not bool(torch.isfinite(h).all()):
         raise VerificationError("the layer's Hessian X^T X holds NaN or inf: its calibration inputs are not "
                                 "finite. Check the calibration data and the model's activations.")
-    base = damp if damp > 0 else 1e-8 * float(h.diagonal().abs().mean() + 1)
-    attempts = [(dtype, damp)]
-    if dtype != torch.float64:
-        attempts.append((torch.float64, damp))
-    attempts += [(torch.float64, base * 10 ** (i + 1)) for i in range(DAMP_RETRIES)]
+    attempts = _attempts(h, damp, dtype)
     for precision, d in attempts:
         a = h.to(precision)
         a.diagonal().add_(d)
@@ -121,14 +121,36 @@ def inverse_cholesky(
         f"{attempts[-1][1]:.3g}; pass a larger percdamp or more calibration samples.")
 
 
+def _attempts(h: torch.Tensor, damp: float, dtype: torch.dtype) -> list[tuple[torch.dtype, float]]:
+    """(precision, dampening) to try in order: as asked, float64, then ten times more each time."""
+    base = damp if damp > 0 else 1e-8 * float(h.diagonal().abs().mean() + 1)
+    attempts = [(dtype, damp)]
+    if dtype != torch.float64:
+        attempts.append((torch.float64, damp))
+    return attempts + [(torch.float64, base * 10 ** (i + 1)) for i in range(DAMP_RETRIES)]
+
+
 def hessian_inverse_diag(hessian: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> torch.Tensor:
     """``diag((H + damp I)^-1)`` in float32, 0 at dead inputs (their weights are zeroed anyway).
 
     This is the ``[H^-1]_jj`` of the OBS saliency ``w^2 / [H^-1]_jj^2`` that scores a permutation for
     SparseGPT: unlike ``U_jj`` it does not depend on the column order.
     """
-    u, dead, _, _, _ = inverse_cholesky(hessian, percdamp)
-    return _inv_diag(u, dead)
+    h, dead, damp = _damped(hessian, percdamp)
+    if not bool(torch.isfinite(h).all()):
+        raise VerificationError("the layer's Hessian X^T X holds NaN or inf: its calibration inputs are not "
+                                "finite. Check the calibration data and the model's activations.")
+    for precision, d in _attempts(h, damp, torch.float32):
+        a = h.to(precision)
+        a.diagonal().add_(d)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol).diagonal().float()
+            if bool(torch.isfinite(inv).all()):
+                inv[dead] = 0
+                return inv
+    raise VerificationError(f"the layer's Hessian ({tuple(h.shape)}) is not positive definite even in float64 "
+                            "with added dampening; pass a larger percdamp or more calibration samples.")
 
 
 def _inv_diag(u: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -207,32 +229,40 @@ def sparsegpt_prune(
     keep = torch.zeros(rows, k, dtype=torch.bool, device=w.device)
     obs_loss = torch.zeros((), dtype=torch.float64)
     n_prune = p.m - p.n
+    start = w.clone()  # W0, for the exact error below
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         w1 = w[:, i1:i2].clone()
         u1 = u[i1:i2, i1:i2]
         d1 = u1.diagonal()
+        d1_sq = d1.pow(2).unsqueeze(0)
         err1 = torch.zeros_like(w1)
         keep1 = torch.zeros_like(w1, dtype=torch.bool)
         with _one_thread(w.device):
-            for i in range(i2 - i1):
-                if i % p.m == 0:
-                    sal = w1[:, i : i + p.m].pow(2) / d1[i : i + p.m].pow(2).unsqueeze(0)
-                    order = torch.argsort(sal, dim=1, stable=True)  # ascending; ties: higher index kept
-                    keep1[:, i : i + p.m].scatter_(1, order[:, n_prune:], True)
-                col = w1[:, i]
-                q = torch.where(keep1[:, i], col, torch.zeros((), dtype=dtype, device=w.device))
-                e = (col - q) / d1[i]
-                obs_loss += e.double().pow(2).sum()
-                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-                w1[:, i] = q
-                err1[:, i] = e
+            for g1 in range(0, i2 - i1, p.m):  # one group of m columns at a time
+                g2 = g1 + p.m
+                sal = w1[:, g1:g2].pow(2) / d1_sq[:, g1:g2]
+                order = torch.argsort(sal, dim=1, stable=True)  # ascending; ties: higher index kept
+                keep1[:, g1:g2].scatter_(1, order[:, n_prune:], True)
+                for i in range(g1, g2):
+                    kept = keep1[:, i]
+                    e = w1[:, i].masked_fill(kept, 0).div_(d1[i])  # (w - w') / U_ii: w' = w if kept, else 0
+                    w1[:, i:g2].addr_(e, u1[i, i:g2], alpha=-1)  # OBS update of the group's columns
+                    w1[:, i].masked_fill_(~kept, 0)
+                    err1[:, i] = e
+                if g2 < i2 - i1:  # the same updates for the rest of the block, as one product
+                    w1[:, g2:].addmm_(err1[:, g1:g2], u1[g1:g2, g2:], alpha=-1)
+        obs_loss += err1.double().pow(2).sum()
         w[:, i1:i2] = w1
         keep[:, i1:i2] = keep1
         if i2 < k:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)  # lazy batch update of the rest
     w = w * keep  # exact zeros (the sweep wrote them already; this guards against -0.0 and rounding)
+    w0_sq = float(start.sub_(w).pow_(2).sum(dtype=torch.float64))  # ||W0 - W'||^2
     if not nmgraph.is_nm(w, p, axis=1):
         raise VerificationError(f"SparseGPT produced a weight that is not {p}; this is a bug, please report it.")
+    # Sequential OBS makes the summed costs exactly tr(D H_damped D^T) with D = W0 - W' (W0: dead
+    # columns zeroed, which H does not see); removing the dampening gives the true ||X W0^T - X W'^T||^2.
+    sq_error = max(float(obs_loss) - damp * w0_sq, 0.0)
     return SparseGPTResult(w.float() if dtype != torch.float64 else w, keep, int(dead.sum()), damp, precision,
-                           float(obs_loss), _inv_diag(u, dead), retried)
+                           float(obs_loss), _inv_diag(u, dead), retried, sq_error)

@@ -102,3 +102,11 @@ def test_bad_inputs_raise_typed_errors():
     h[0, 0] = float("nan")
     with pytest.raises(VerificationError, match="not finite"):
         sparsegpt_prune(w, h, "2:4")
+
+
+def test_reported_squared_error_is_the_exact_output_error():
+    w, x = _problem(seed=5)
+    x[:, 2] = 0  # a dead input: zeroed in W0, invisible to H
+    r = sparsegpt_prune(w, x.t() @ x, "2:4", dtype=torch.float64)
+    exact = float((x @ (w - r.weight).t()).pow(2).sum())
+    assert r.sq_error == pytest.approx(exact, rel=1e-9)
