@@ -12,6 +12,7 @@ out for the report's output change), and the validation bits per byte are measur
     python benchmarks/oneshot.py --quick               # a few training steps, every method once (a test)
     python benchmarks/oneshot.py --scale               # nmgraph.sparsify of a 1.1B Llama-shaped model
     python benchmarks/oneshot.py --scale --layers 4    # the same shape with 4 decoder layers
+    python benchmarks/oneshot.py --memory              # peak activation memory against depth
 
 ``--scale`` builds the 1.1B-parameter Llama shape (hidden 2048, 22 layers, intermediate 5632, 32 heads,
 4 KV heads, vocabulary 32000) with random bf16 weights on CPU and runs ``sparsify`` with
@@ -298,6 +299,30 @@ def run_scale(args) -> dict:
             "cpus": os.cpu_count(), "results": results}
 
 
+def run_memory(args) -> dict:
+    """Peak activation bytes of the sequential pass against depth (same width, same calibration set)."""
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 256, (args.context,), generator=g) for _ in range(args.calibration)]
+    rows = []
+    for depth in (2, 4, 8, 16):
+        cfg = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=args.hidden, num_hidden_layers=depth, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, intermediate_size=args.ffn, max_position_embeddings=args.context,
+            use_cache=False, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        t0 = time.perf_counter()
+        report = nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=calibration, holdout=1, permute=False)
+        inputs = sum(args.calibration * args.context * x.shape[x.axis] * 4 for x in report.layers)
+        rows.append({"layers": depth, "peak_activation_bytes": report.peak_activation_bytes,
+                     "all_layer_inputs_bytes": inputs, "seconds": time.perf_counter() - t0})
+        print(f"{depth:>3} layers: peak activations {report.peak_activation_bytes / 2**20:7.1f} MiB; the inputs of "
+              f"every pruned layer for the whole set would be {inputs / 2**20:8.1f} MiB", flush=True)
+    return {"args": vars(args), "torch": torch.__version__, "results": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps, every method once")
@@ -322,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads (default 1: on the shared 2-core machine more threads run slower)")
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
     ap.add_argument("--scale", action="store_true", help="the 1.1B-parameter Llama-shaped measurement")
+    ap.add_argument("--memory", action="store_true", help="peak activation memory of the sequential pass vs depth")
     ap.add_argument("--scale-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale-limit", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale-samples", type=int, default=32)
@@ -336,12 +362,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.scale:
         args.layers = args.layers or 22
         out = run_scale(args)
+    elif args.memory:
+        args.calibration = 64 if args.calibration == 128 else args.calibration
+        args.context = 256 if args.context == 128 else args.context
+        out = run_memory(args)
     else:
         args.layers = args.layers or 4
         if args.quick:
             args.seeds, args.steps, args.bytes, args.calibration, args.holdout = 1, 3, 200_000, 6, 2
             args.hidden, args.layers, args.ffn, args.context, args.val_windows = 32, 2, 64, 16, 4
-            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, 2.0
+            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, 4.0
         out = run_table(args)
     if args.out:
         with open(args.out, "w") as f:
