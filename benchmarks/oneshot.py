@@ -315,7 +315,7 @@ def run_memory(args) -> dict:
         model = transformers.LlamaForCausalLM(cfg).eval()
         t0 = time.perf_counter()
         report = nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=calibration, holdout=1, permute=False)
-        inputs = sum(args.calibration * args.context * x.shape[x.axis] * 4 for x in report.layers)
+        inputs = sum(report.calibration_samples * args.context * x.shape[x.axis] * 4 for x in report.layers)
         rows.append({"layers": depth, "peak_activation_bytes": report.peak_activation_bytes,
                      "all_layer_inputs_bytes": inputs, "seconds": time.perf_counter() - t0})
         print(f"{depth:>3} layers: peak activations {report.peak_activation_bytes / 2**20:7.1f} MiB; the inputs of "
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale-limit", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale-samples", type=int, default=32)
     ap.add_argument("--scale-tokens", type=int, default=128)
-    ap.add_argument("--magnitude-limit", type=float, default=300.0)
-    ap.add_argument("--sparsegpt-limit", type=float, default=1200.0)
+    ap.add_argument("--magnitude-limit", type=float, default=1200.0)
+    ap.add_argument("--sparsegpt-limit", type=float, default=2400.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.scale_one:

@@ -42,7 +42,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 import nmgraph
-from nmgraph.errors import CaptureError, VerificationError
+from nmgraph.errors import CaptureError, PlanError, VerificationError
 from nmgraph.oneshot.sparsegpt import hessian_inverse_diag, sparsegpt_prune
 from nmgraph.oneshot.taps import Geometry, Tap, tap_features
 from nmgraph.oneshot.wanda import wanda_score
@@ -262,6 +262,7 @@ class _Accumulator:
     def __init__(self, problems: int, k: int, full: bool) -> None:
         self.k = k
         self.rows = [0] * problems
+        self.device = torch.device("cpu")
         self.h: list[torch.Tensor | None] | None = [None] * problems if full else None
         self.sq = None if full else torch.zeros(problems, k)
 
@@ -272,12 +273,15 @@ class _Accumulator:
                 continue
             xf = x.detach().float()
             self.rows[p] += int(x.shape[0])
+            self.device = xf.device
             if self.h is not None:
                 if self.h[p] is None:
                     self.h[p] = xf.t() @ xf
                 else:
                     self.h[p].addmm_(xf.t(), xf)
             else:
+                if self.sq.device != xf.device:
+                    self.sq = self.sq.to(xf.device)
                 self.sq[p] += xf.pow(2).sum(0)
 
     def add_samples(self, per_sample: Iterable[list[torch.Tensor]]) -> None:
@@ -299,7 +303,7 @@ class _Accumulator:
 
     def hessian(self, p: int) -> torch.Tensor:
         h = self.h[p] if self.h is not None else None
-        return h if h is not None else torch.zeros(self.k, self.k)
+        return h if h is not None else torch.zeros(self.k, self.k, device=self.device)
 
     def sq_norms(self) -> torch.Tensor:
         if self.h is None:
@@ -362,7 +366,7 @@ def _stat_vector(method: str, acc: _Accumulator, percdamp: float) -> torch.Tenso
     if method == "wanda":
         return acc.sq_norms().float()
     return torch.stack([hessian_inverse_diag(acc.hessian(p), percdamp) if acc.rows[p] else
-                        torch.zeros(acc.k) for p in range(len(acc.rows))])
+                        torch.zeros(acc.k, device=acc.device) for p in range(len(acc.rows))])
 
 
 def collect_statistics(
@@ -379,7 +383,7 @@ def collect_statistics(
     SparseGPT ``diag((H + damp I)^-1)`` (0 at dead inputs). Also the token count per problem and
     the runner's peak activation bytes. The model is only observed."""
     if method not in ("wanda", "sparsegpt"):
-        raise ValueError(f"collect_statistics is for 'wanda' and 'sparsegpt', got {method!r}")
+        raise PlanError(f"collect_statistics is for 'wanda' and 'sparsegpt', got {method!r}.")
     all_taps = [t for ts in taps.values() for t in ts]
     runner = GraphRunner(gm, samples, [t.node for t in all_taps])
     keys = _Keys(runner, geometry, full=method == "sparsegpt")

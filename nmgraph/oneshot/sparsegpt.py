@@ -227,7 +227,7 @@ def sparsegpt_prune(
     w = weight.detach().to(dtype).clone()
     w[:, dead] = 0
     keep = torch.zeros(rows, k, dtype=torch.bool, device=w.device)
-    obs_loss = torch.zeros((), dtype=torch.float64)
+    obs_loss = torch.zeros((), dtype=torch.float64, device=w.device)
     n_prune = p.m - p.n
     start = w.clone()  # W0, for the exact error below
     for i1 in range(0, k, bs):

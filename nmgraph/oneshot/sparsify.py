@@ -175,6 +175,12 @@ def sparsify(
         per_layer: dict[str, tuple[float, float]] = {}
         searchable = permute and search != "none" and any(g.consumers for g in plan.groups)
         cost = _CostModel(method, per_sample, len(calib), t_eval, gm, plan) if time_limit is not None else None
+        if cost is not None:
+            fixed = cost.prune(None) + t_eval
+            if time.perf_counter() - start + fixed > time_limit:
+                notes.append(f"time_limit={time_limit:g} s is below the estimated {fixed:.0f} s that pruning and "
+                             "evaluation need (they are never cut short); the call will take longer")
+                log.warning("sparsify: %s", notes[-1])
         if searchable and cost is not None:
             rest = cost.statistics() + cost.prune(None) + cost.permute() + t_eval
             if time.perf_counter() - start + rest >= (1 - SAFETY) * time_limit:
