@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ERROR_SAMPLES = 8  # samples a layer's output error is recomputed on when the method keeps no Hessian
 CHUNK_BYTES = 64 * 2**20  # input rows stacked into one X^T X matmul
+GRAM_BLOCKED_MIN_K = 1024  # from this input size X^T X is computed by symmetric blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +257,25 @@ class GraphRunner:
 # --------------------------------------------------------------------------------------------------
 
 
+def _add_gram(h: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
+    """``h += x^T x``, computing each off-diagonal block once (10 of 16 block products for 4 blocks;
+    measured 1.2-2x faster than one full product for K = 2048..5632 on the 2-core CPU)."""
+    k = x.shape[1]
+    if k < GRAM_BLOCKED_MIN_K:
+        h.addmm_(x.t(), x)
+        return
+    edges = [k * i // blocks for i in range(blocks + 1)]
+    parts = [x[:, edges[i] : edges[i + 1]].contiguous() for i in range(blocks)]
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            cols = slice(edges[j], edges[j + 1])
+            block = parts[i].t() @ parts[j]
+            h[rows, cols] += block
+            if i != j:
+                h[cols, rows] += block.t()
+
+
 class _Accumulator:
     """``X^T X`` (``full``) or the squared column norms of one input, per problem, in float32."""
 
@@ -276,9 +296,8 @@ class _Accumulator:
             self.device = xf.device
             if self.h is not None:
                 if self.h[p] is None:
-                    self.h[p] = xf.t() @ xf
-                else:
-                    self.h[p].addmm_(xf.t(), xf)
+                    self.h[p] = torch.zeros(self.k, self.k, device=xf.device)
+                _add_gram(self.h[p], xf)
             else:
                 if self.sq.device != xf.device:
                     self.sq = self.sq.to(xf.device)

@@ -99,3 +99,12 @@ def test_peak_activation_memory_does_not_grow_with_depth():
         assert all(nmgraph.is_nm(model.get_parameter(i.name), "2:4", axis=i.axis) for i in plan.layers)
     assert peaks[0] == peaks[1], peaks
     assert peaks[1] < totals[1] / 4, (peaks, totals)
+
+
+def test_blocked_gram_is_x_transpose_x():
+    from nmgraph.oneshot.sequential import _add_gram
+
+    x = torch.randn(64, 1030, dtype=torch.float64)
+    h = torch.ones(1030, 1030, dtype=torch.float64)
+    _add_gram(h, x)
+    torch.testing.assert_close(h, 1 + x.t() @ x)
