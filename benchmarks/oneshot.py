@@ -131,7 +131,7 @@ def train(args, seed: int, train_data: torch.Tensor, val: torch.Tensor):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    info = {"train_seconds": time.perf_counter() - t0, "train_loss": float(loss), "steps": args.steps,
+    info = {"train_seconds": time.perf_counter() - t0, "train_loss": float(loss.detach()), "steps": args.steps,
             "params": sum(p.numel() for p in model.parameters())}
     model.eval()
     info["val_bpb"] = bits_per_byte(model, val)  # the fixed validation windows
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             args.seeds, args.steps, args.bytes, args.calibration, args.holdout = 1, 3, 200_000, 6, 2
             args.hidden, args.layers, args.ffn, args.context, args.val_windows = 32, 2, 64, 16, 4
-            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, 4.0
+            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, 2.0
         out = run_table(args)
     if args.out:
         with open(args.out, "w") as f:
