@@ -29,7 +29,7 @@ from nmgraph.export import ExportReport, export
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
 from nmgraph.permutation_search import SearchResult, kept_score, search_permutation
-from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 from nmgraph.serialize import load, save
 from nmgraph.training import SparsityCallback, convert, prepare
 

@@ -19,7 +19,7 @@ from torch import fx
 from nmgraph.capture import capture
 from nmgraph.errors import UnsupportedError
 from nmgraph.pattern import Pattern, PatternLike
-from nmgraph.plan import Skip
+from nmgraph.analysis.plan import Skip
 
 __all__ = ["CompiledModule", "compile", "nmgraph_backend"]
 

@@ -45,7 +45,7 @@ from nmgraph.errors import (
 )
 from nmgraph.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.analysis.plan import Skip, SparsityPlan
 
 __all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
 

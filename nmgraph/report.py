@@ -1,7 +1,7 @@
 """Readable tables, JSON and plots of what nmgraph decided and did.
 
 Every result renders the same two ways: :func:`render` (a ``rich`` table, as text or to a console)
-and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.plan.SparsityPlan` (analyze),
+and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.analysis.plan.SparsityPlan` (analyze),
 the permute report, a converted graph (:func:`convert_summary`), the export report, the ONNX
 eligibility report and a saved directory (:class:`~nmgraph.serialize.SavedModel`).
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from nmgraph.pattern import Pattern, PatternLike, is_nm, nm_mask
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.analysis.plan import Skip, SparsityPlan
 
 __all__ = [
     "ConvertSummary",

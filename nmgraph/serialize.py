@@ -36,7 +36,7 @@ import torch
 from nmgraph.compress import CompressedNM, compress
 from nmgraph.errors import PlanError, SerializationError
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 
 __all__ = [
     "FORMAT_VERSION",

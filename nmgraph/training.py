@@ -39,7 +39,7 @@ from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_ma
 from nmgraph.passes.permute_channels import permute as permute_channels
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.plan import LayerInfo, Skip, SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, Skip, SparsityPlan
 from nmgraph.schedule import Fixed, Schedule, SparsityState, TrainingConfig, method_from_name
 from nmgraph.telemetry import SADTracker
 

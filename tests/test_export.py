@@ -8,7 +8,7 @@ import torch
 import nmgraph
 from nmgraph.errors import CaptureError, StrictModeError, UnsupportedError, VerificationError
 from nmgraph.export import TOLERANCES, _verify, export
-from nmgraph.plan import LayerInfo, SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, SparsityPlan
 
 from . import hf_models
 from .hf_models import first_tensor

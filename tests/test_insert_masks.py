@@ -8,7 +8,7 @@ from nmgraph.masking import MASK_OP
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, MaskNodeInfo, insert_masks
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern
-from nmgraph.plan import LayerInfo
+from nmgraph.analysis.plan import LayerInfo
 from nmgraph.schedule import MDGF, SRSTE, STE, Schedule, SparsityState, TopKAST, TrainingConfig
 
 

@@ -26,7 +26,7 @@ from nmgraph.errors import PlanError, ShapeError
 from nmgraph.masking import MASK_OP, MaskState
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern
-from nmgraph.plan import LayerInfo, Skip
+from nmgraph.analysis.plan import LayerInfo, Skip
 from nmgraph.schedule import SparsityState, TrainingConfig
 
 __all__ = ["STATE_NAME", "InsertMasksConfig", "MaskNodeInfo", "insert_masks"]

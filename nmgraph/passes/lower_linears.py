@@ -38,7 +38,7 @@ from nmgraph.compress import CompressedNM, compress
 from nmgraph.errors import BackendUnavailableError, PatternError, StrictModeError, UnsupportedError
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.plan import Skip
+from nmgraph.analysis.plan import Skip
 
 __all__ = ["LOWERING_BACKENDS", "LinearLowering", "LowerLinearsConfig", "lower_linears"]
 
@@ -193,7 +193,7 @@ def _rewrite_transposed_linears(gm: fx.GraphModule, cfg: LowerLinearsConfig) -> 
     """Rewrites every ``x @ W.T`` of a listed 2-D parameter (``matmul``/``mm`` of its transpose:
     Falcon's Linear) into ``aten.linear(x, W)``, the same computation, so it lowers like any Linear;
     transposes left unread are erased. Returns how many it rewrote."""
-    from nmgraph.analysis import linear_of_transposed
+    from nmgraph.analysis.nodes import linear_of_transposed
 
     count = 0
     for node in list(gm.graph.nodes):
@@ -234,7 +234,7 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: tuple[int, int, int | N
     where = node.format_node()
 
     if not isinstance(w, fx.Node) or w.op != "get_attr":
-        from nmgraph.analysis import weight_source
+        from nmgraph.analysis.nodes import weight_source
 
         src = weight_source(w)
         if isinstance(src, fx.Node) and src.op == "get_attr" and (cfg.weights is None or src.target in cfg.weights):

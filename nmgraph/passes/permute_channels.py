@@ -1,6 +1,6 @@
 """Reorder the channels of every permutation group, in place, with the model's function unchanged.
 
-Why this is valid: a :class:`~nmgraph.plan.PermutationGroup` lists every parameter and buffer axis
+Why this is valid: a :class:`~nmgraph.analysis.plan.PermutationGroup` lists every parameter and buffer axis
 that carries the group's channels, found by the channel-flow analysis. Permuting the producers'
 output rows (weights, biases), every per-channel parameter along the way (norm weights and biases,
 BatchNorm running statistics, PReLU slopes) and the consumers' input columns by the same permutation
@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from nmgraph.errors import PlanError, UnsupportedError, VerificationError
 from nmgraph.pattern import nm_mask
-from nmgraph.plan import Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.analysis.plan import Member, PermutationGroup, Skip, SparsityPlan
 
 __all__ = ["PermuteReport", "apply_permutation", "kept_magnitude", "permute"]
 
