@@ -44,10 +44,13 @@ class PrepareRecord:
 
 @dataclass(frozen=True)
 class ConvertRecord:
-    """What :func:`nmgraph.convert` did: the weights made N:M (folded or pruned), those left dense."""
+    """What :func:`nmgraph.convert` did: the weights made N:M (folded or pruned) with their reduction
+    axes, the pattern, and the weights left dense."""
 
     folded: tuple[str, ...]
     skipped: tuple[Any, ...]
+    pattern: Any = None
+    axes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

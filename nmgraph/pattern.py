@@ -20,7 +20,7 @@ import torch
 
 from nmgraph.errors import PatternError, ShapeError
 
-__all__ = ["MAX_M", "Pattern", "PatternLike", "group_view", "is_nm", "nm_mask", "ungroup_view"]
+__all__ = ["MAX_M", "Pattern", "PatternLike", "group_view", "is_nm", "kept_magnitude", "nm_mask", "ungroup_view"]
 
 MAX_M = 128
 
@@ -177,3 +177,14 @@ def is_nm(weight: torch.Tensor, pattern: PatternLike, *, axis: int = 1) -> bool:
     p = Pattern.parse(pattern)
     groups = group_view(weight.detach(), p.m, axis)
     return bool(((groups != 0).sum(-1) <= p.n).all())
+
+
+def kept_magnitude(weight: torch.Tensor, pattern: PatternLike, axis: int = 1) -> float:
+    """Fraction of ``sum |w|`` that N:M magnitude pruning along ``axis`` keeps (1.0 for an all-zero weight).
+
+    >>> kept_magnitude(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), "2:4")
+    0.7
+    """
+    w = weight.detach().float().abs()
+    total = float(w.sum())
+    return float((w * nm_mask(w, pattern, axis=axis)).sum()) / total if total else 1.0

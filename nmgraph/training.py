@@ -31,17 +31,17 @@ import torch
 from torch import fx
 
 from nmgraph.analysis import analyze
+from nmgraph.analysis.plan import SparsityPlan
 from nmgraph.capture import capture
-from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP
+from nmgraph.errors import CaptureError, PlanError, UnsupportedError
+from nmgraph.graph import ConvertRecord, PrepareRecord, fetch_attr, graph_record, update_graph_record
+from nmgraph.masking import MASK_OP, SADTracker, Schedule, SparsityState, TrainingConfig, method_from_name
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
 from nmgraph.passes.permute_channels import permute as permute_channels
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
-from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.analysis.plan import LayerInfo, Skip, SparsityPlan
-from nmgraph.schedule import Fixed, Schedule, SparsityState, TrainingConfig, method_from_name
-from nmgraph.telemetry import SADTracker
+from nmgraph.pattern import Pattern
 
 __all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
 
@@ -98,17 +98,6 @@ def _install_train_eval(gm: fx.GraphModule) -> None:
         gm._register_deepcopy_hook(_install_train_eval)
 
 
-def _check_scores(scores: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo]) -> None:
-    shapes = {info.name: tuple(info.shape) for info in layers}
-    for name, s in scores.items():
-        if name not in shapes:
-            raise PlanError(f"saliency has a score for {name!r}, which is not an eligible weight of the plan.")
-        if tuple(s.shape) != shapes[name]:
-            raise PlanError(
-                f"saliency score for {name!r} has shape {tuple(s.shape)}, the weight {shapes[name]}."
-            )
-
-
 def prepare(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | Any = None,
@@ -135,7 +124,7 @@ def prepare(
     modified in place); parameters stay the model's own, so an optimizer may be built on either.
     ``method`` is a name (``"ste"``, ``"sr-ste"``, ``"mdgf-linear"``, ``"mdgf-exp"``,
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
-    :mod:`nmgraph.schedule`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
+    :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
     ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
@@ -155,10 +144,10 @@ def prepare(
     elif saliency not in (None, "magnitude"):
         raise PlanError(
             f"prepare(saliency={saliency!r}): pass 'magnitude' or a mapping weight name -> score "
-            "(see nmgraph.saliency.first_order / second_order)."
+            "(see nmgraph.masking.saliency.first_order / second_order)."
         )
     if scores is not None:
-        if not isinstance(method_cfg, Fixed):
+        if not method_cfg.scored:
             raise PlanError(f"saliency= chooses the mask of method 'fixed' only; method is {method_cfg.name!r}.")
         if schedule.warmup_steps:
             raise PlanError(
@@ -172,7 +161,7 @@ def prepare(
                 "prepare(..., permute=False, saliency=scores)."
             )
 
-    if isinstance(model, fx.GraphModule) and "nmgraph_capture" in model.meta:
+    if isinstance(model, fx.GraphModule) and graph_record(model) is not None:
         gm = model
     else:
         if example_inputs is None:
@@ -189,12 +178,12 @@ def prepare(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
+    if scores is not None:
+        PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
     if permute:
         report = permute_channels(gm, plan, search=search, seed=seed)
-        gm.meta["nmgraph_permute"] = report
+        update_graph_record(gm, permuted=report)
         log.info("permutation before training: %s", report)
-    if scores is not None:
-        _check_scores(scores, plan.layers)
     results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
     res = results[0]
     skipped = [*plan.skipped, *res.skipped]
@@ -205,37 +194,11 @@ def prepare(
         )
     for s in skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_prepare"] = {
-        "config": config,
-        "masked": tuple(res.info["masked"]),
-        "skipped": tuple(skipped),
-    }
+    update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
     _install_train_eval(gm)
     set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
-
-
-def _prune_plain(
-    gm: fx.GraphModule, plan: SparsityPlan, scores: Mapping[str, torch.Tensor] | None
-) -> tuple[list[str], list[Skip]]:
-    pruned, skipped = [], []
-    for info in plan.layers:
-        try:
-            w = gm.get_parameter(info.name)
-        except AttributeError:
-            try:
-                w = gm.get_buffer(info.name)
-            except AttributeError:
-                skipped.append(Skip(info.name, "not pruned: the graph has no such parameter or buffer"))
-                continue
-        score = None if scores is None else scores.get(info.name)
-        with torch.no_grad():
-            w.mul_(nm_mask(w, plan.pattern, score, axis=info.axis))
-        if not is_nm(w, plan.pattern, axis=info.axis):
-            raise VerificationError(f"Pruned weight {info.name!r} is not {plan.pattern} along axis {info.axis}.")
-        pruned.append(info.name)
-    return pruned, skipped
 
 
 def convert(
@@ -278,7 +241,9 @@ def convert(
             )
         set_mode(gm, False)
         res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
-        gm.meta["nmgraph_convert"] = {"folded": tuple(res.info["folded"]), "skipped": ()}
+        patterns = set(res.info["patterns"].values())
+        update_graph_record(gm, converted=ConvertRecord(
+            tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
         log.info("convert: folded masks into %d weights", len(res.info["folded"]))
         return gm
     p = p or Pattern(2, 4)
@@ -286,13 +251,12 @@ def convert(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
-    if saliency is not None:
-        _check_scores(saliency, plan.layers)
-    pruned, skipped = _prune_plain(gm, plan, saliency)
-    skipped = [*plan.skipped, *skipped]
-    for s in skipped:
+    res = run_passes(gm, (prune_weights,), PruneWeightsConfig(plan, saliency))[0]
+    pruned = res.info["pruned"]
+    for s in plan.skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_convert"] = {"folded": tuple(pruned), "skipped": tuple(skipped)}
+    update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
+                                                    {i.name: i.axis for i in plan.layers}))
     log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
              "magnitude" if saliency is None else "saliency")
     return gm
@@ -318,13 +282,7 @@ def _find_state(module: torch.nn.Module) -> tuple[torch.nn.Module, SparsityState
 
 
 def _weights(owner: torch.nn.Module, state: SparsityState) -> dict[str, torch.Tensor]:
-    out = {}
-    for _, st in state.layers():
-        obj: Any = owner
-        for part in st.weight_name.split("."):
-            obj = getattr(obj, part)
-        out[st.weight_name] = obj
-    return out
+    return {st.weight_name: fetch_attr(owner, st.weight_name) for _, st in state.layers()}
 
 
 class SparsityCallback:

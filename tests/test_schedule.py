@@ -5,14 +5,13 @@ import torch
 
 import nmgraph
 from nmgraph import PatternError, PlanError
-from nmgraph.masking import MaskState
-from nmgraph.pattern import Pattern
-from nmgraph.schedule import (
+from nmgraph.masking import (
     MDGF,
     SDGF,
     SRSTE,
     STE,
     Fixed,
+    MaskState,
     Phase,
     Schedule,
     SparsityState,
@@ -21,6 +20,7 @@ from nmgraph.schedule import (
     method_from_name,
     plan_step,
 )
+from nmgraph.pattern import Pattern
 
 # ---- configs -------------------------------------------------------------------------------------
 

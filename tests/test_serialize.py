@@ -9,7 +9,7 @@ import torch
 
 import nmgraph
 from nmgraph.errors import PlanError, SerializationError
-from nmgraph.serialize import (
+from nmgraph.exporters.serialize import (
     META_FILE,
     WEIGHTS_FILE,
     load,

@@ -8,6 +8,7 @@ and MoE experts read by a grouped GEMM. Every weight that is not eligible is rep
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ from nmgraph.analysis.nodes import (
 from nmgraph.analysis.plan import LayerInfo, Skip
 from nmgraph.pattern import Pattern
 
-__all__ = ["Eligibility", "WeightUse", "find_layers", "gemm_uses", "gemm_weight_axes", "matches", "weight_use"]
+__all__ = ["Eligibility", "WeightUse", "find_layers", "gemm_uses", "gemm_weight_axes", "matches", "module_gemm_axes",
+           "weight_use"]
 
 aten = torch.ops.aten
 
@@ -195,13 +197,43 @@ def find_layers(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str] = (
 
 
 def gemm_weight_axes(gm: fx.GraphModule) -> dict[str, int]:
-    """``{parameter name: reduction axis}`` for every parameter that ``gm`` reads only as a GEMM weight
-    along one axis (the same reading as :func:`find_layers`, without the pattern, head or name filters)."""
+    """``{parameter name: reduction axis}`` for every parameter that ``gm`` reads as a GEMM weight, all
+    such reads along one axis (the reading of :func:`find_layers`). Other reads do not exclude a
+    weight here (a tied embedding is also an ``lm_head``): this answers how an N:M weight is stored
+    and exported, not whether it may be pruned. A graph without shape metadata (``symbolic_trace``)
+    raises :class:`UnsupportedError`."""
     _, _, seen = _param_nodes(gm)
     out: dict[str, int] = {}
     for pname, nodes in seen.items():
-        uses = [u for n in nodes for u in gemm_uses(n)]
-        axes = {u.axis for u in uses}
-        if uses and None not in axes and len(axes) == 1:
+        axes = {u.axis for n in nodes for u in gemm_uses(n) if u.axis is not None}
+        if len(axes) == 1:
             out[pname] = axes.pop()
     return out
+
+
+def module_gemm_axes(model: torch.nn.Module) -> dict[str, int]:
+    """Without a graph, the GEMM weights nmgraph can tell by module type: ``nn.Linear`` (axis 1),
+    non-transposed ``ConvNd`` (axis 1, input channels) and transformers' ``Conv1D`` (axis 0, stored
+    ``[in, out]``). Casts, ``x @ W.T`` and MoE experts need a graph (:func:`gemm_weight_axes`)."""
+    conv1d = _hf_conv1d_class()
+    found: dict[str, int] = {}
+    for mname, mod in model.named_modules():
+        axis = None
+        if isinstance(mod, torch.nn.Linear) or (isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed):
+            axis = 1
+        elif conv1d is not None and isinstance(mod, conv1d):
+            axis = 0
+        w = getattr(mod, "weight", None)
+        if axis is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            found.setdefault(f"{mname}.weight" if mname else "weight", axis)
+    return found
+
+
+def _hf_conv1d_class() -> type | None:
+    if "transformers" not in sys.modules:
+        return None  # nothing can be an instance of it
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D

@@ -20,11 +20,11 @@ import torch
 from torch import fx
 
 from nmgraph.errors import PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP, MaskState
+from nmgraph.graph import fetch_attr
+from nmgraph.masking import MASK_OP, MaskState, SparsityState
 from nmgraph.passes.insert_masks import MaskNodeInfo
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern, is_nm
-from nmgraph.schedule import SparsityState
 
 __all__ = ["FoldMasksConfig", "fold_masks", "mask_nodes"]
 
@@ -48,12 +48,6 @@ def mask_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is MASK_OP]
 
 
-def _fetch(gm: torch.nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> MaskNodeInfo:
     info = node.meta.get("nmgraph")
@@ -61,7 +55,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> MaskNodeInfo:
         return info
     hard = node.args[2]
     if isinstance(hard, fx.Node) and hard.op == "get_attr":
-        owner = _fetch(gm, hard.target.rpartition(".")[0])
+        owner = fetch_attr(gm, hard.target.rpartition(".")[0])
         weight = node.args[0]
         if isinstance(owner, MaskState) and isinstance(weight, fx.Node) and weight.op == "get_attr":
             return MaskNodeInfo(weight.target, hard.target.rpartition(".")[0], owner.axis, owner.target)
@@ -83,6 +77,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
     graph = gm.graph
     result = PassResult(gm)
     folded: dict[str, Pattern] = {}
+    axes: dict[str, int] = {}
     states: set[str] = set()
     for node in mask_nodes(gm):
         info = _describe(gm, node)
@@ -97,8 +92,8 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
                 f"Mask of {info.weight!r} (node {node.name}) targets {info.pattern}, but convert was asked "
                 f"for {config.pattern}. Pass pattern={str(info.pattern)!r} (or None) to fold it."
             )
-        weight = _fetch(gm, wnode.target)
-        hard = _fetch(gm, hnode.target)
+        weight = fetch_attr(gm, wnode.target)
+        hard = fetch_attr(gm, hnode.target)
         if wnode.target not in folded:
             with torch.no_grad():
                 weight.mul_(hard)
@@ -109,6 +104,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
                     "overwritten? Reload the prepared model's state_dict."
                 )
             folded[wnode.target] = info.pattern
+            axes[wnode.target] = info.axis
         node.replace_all_uses_with(wnode)
         attr_args = [a for a in node.args if isinstance(a, fx.Node) and a is not wnode]
         graph.erase_node(node)
@@ -123,6 +119,6 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
         if isinstance(getattr(gm, root, None), (SparsityState, torch.nn.Module)):
             gm.delete_submodule(root)
             removed.append(root)
-    result.info.update(folded=list(folded), removed_state=removed)
+    result.info.update(folded=list(folded), axes=axes, patterns=folded, removed_state=removed)
     log.info("folded %d mask nodes into %d weights", len(result.changed_nodes), len(folded))
     return result

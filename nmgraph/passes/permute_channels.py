@@ -26,16 +26,15 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from nmgraph.errors import PlanError, UnsupportedError, VerificationError
-from nmgraph.pattern import nm_mask
 from nmgraph.analysis.plan import Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.errors import PlanError, VerificationError
+from nmgraph.graph import graph_record
+from nmgraph.pattern import kept_magnitude
+from nmgraph.search import SEARCHES, search_permutation
 
-__all__ = ["PermuteReport", "apply_permutation", "kept_magnitude", "permute"]
+__all__ = ["PermuteReport", "apply_permutation", "permute"]
 
 log = logging.getLogger(__name__)
-
-SEARCHES = ("none", "random", "greedy", "exhaustive")
-
 
 @dataclass
 class PermuteReport:
@@ -70,13 +69,6 @@ class PermuteReport:
             "kept_before": self.kept_before, "kept_after": self.kept_after,
             "efficacy": self.efficacy, "max_error": self.max_error, "seconds": self.seconds,
         }
-
-
-def kept_magnitude(weight: torch.Tensor, pattern, axis: int = 1) -> float:
-    """Fraction of ``sum |w|`` that N:M magnitude pruning along ``axis`` keeps."""
-    w = weight.detach().float().abs()
-    total = float(w.sum())
-    return float((w * nm_mask(w, pattern, axis=axis)).sum()) / total if total else 1.0
 
 
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -202,10 +194,6 @@ def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, ti
             progress: bool = False):
     if search == "random":
         return group.random_permutation(gen), None
-    try:
-        from nmgraph.permutation_search import search_permutation
-    except ImportError as e:  # pragma: no cover - the module ships with nmgraph
-        raise UnsupportedError(f"search={search!r} needs nmgraph.permutation_search ({e})") from e
     # one intra-op thread: the search is a long chain of mid-sized ops (measured 5-15x faster on a
     # small or busy CPU); search_permutation restores torch's setting afterwards
     result = search_permutation(matrix, pattern, method=search, block=group.block, seed=seed,
@@ -235,7 +223,7 @@ def permute(
 
     ``search``: ``"none"`` (identity), ``"random"`` (a uniformly random valid permutation; for
     testing equivalence, it may lower kept magnitude), ``"greedy"`` or ``"exhaustive"`` (maximise
-    kept magnitude, see :mod:`nmgraph.permutation_search`; a group is only changed if its consumers
+    kept magnitude, see :mod:`nmgraph.search.permutation`; a group is only changed if its consumers
     keep more). ``time_limit`` (seconds) bounds the whole search, shared among the groups;
     ``progress=True`` shows a progress bar per group (each group is also logged at INFO).
     ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
@@ -329,9 +317,9 @@ def _example(gm, example_inputs, example_kwargs, verify):
     if example_inputs is not None:
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         return args, dict(example_kwargs or {})
-    stored = gm.meta.get("nmgraph_example_inputs")
-    if stored is not None:
-        return stored
+    rec = graph_record(gm)
+    if rec is not None and rec.captured_by != "unknown":
+        return rec.example_args, dict(rec.example_kwargs)
     if verify:
         raise PlanError(
             "permute(verify=True) needs example inputs: capture the model with nmgraph.capture (which "

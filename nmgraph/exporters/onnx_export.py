@@ -10,7 +10,7 @@ first. It then
 3. runs onnxruntime on the example inputs and compares every output with PyTorch
    (``|ort - torch| <= atol + rtol * |torch|``; defaults in :data:`TOLERANCES`), and with
    ``dynamic_batch=True`` also at batch size + 1;
-4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.onnx_check.check_onnx`) and lists
+4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.exporters.onnx_check.check_onnx`) and lists
    the eligible weights and every weight whose pattern was lost in export, with the reason.
 
 ``fp16=True`` exports a float16 copy of the model (the caller's model is not touched) and compares
@@ -34,6 +34,10 @@ from typing import Any
 
 import torch
 
+from nmgraph.analysis import analyze
+from nmgraph.analysis.eligibility import gemm_weight_axes, module_gemm_axes
+from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.capture import batch_dynamic_shapes, capture, set_eval
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -43,9 +47,10 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
-from nmgraph.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm
+from nmgraph.exporters.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm, parameter_aliases
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
+from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.analysis.plan import Skip, SparsityPlan
 
 __all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
 
@@ -62,9 +67,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 _DEFAULT_TORCHSCRIPT_OPSET = 17
-_LINEAR_OPS = ("linear",)
-_KN_OPS = ("addmm", "mm", "matmul")
-_CONV_OPS = ("convolution", "conv1d", "conv2d", "conv3d")
 
 
 @dataclass(frozen=True)
@@ -156,34 +158,31 @@ class ExportReport:
 
 
 def sparse_weight_axes(
-    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None
+    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None, *,
+    example_inputs: Any = None, kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, int], list[Skip]]:
     """The weights that can be N:M (``{name: reduction axis}``) and those that cannot, with reasons.
 
-    With a plan: its layers and skips. Otherwise from the model itself: ``nn.Linear`` weights
-    (axis 1), ``ConvNd`` weights (axis 1, input channels), transformers' ``Conv1D`` (axis 0), and
-    in a captured GraphModule the weights read by ``aten.linear`` (axis 1), ``addmm``/``mm``/
-    ``matmul`` (axis 0) and convolutions (axis 1). A weight whose reduction size is not divisible
-    by M is a skip. Tied weights are listed once, under their first name.
+    With a plan: its layers and skips. Otherwise the analysis' own reading of the GEMM weights
+    (:func:`nmgraph.analysis.eligibility.gemm_weight_axes`) on ``model`` when it is a captured graph,
+    or on ``model`` captured with ``example_inputs``; only without either, the module types nmgraph
+    can recognise (:func:`~nmgraph.analysis.eligibility.module_gemm_axes`). A weight whose reduction
+    size is not divisible by M is a skip. Tied weights are listed once, under their first name.
     """
     p = Pattern.parse(pattern)
     if plan is not None:
         return {info.name: info.axis for info in plan.layers}, list(plan.skipped)
-    found: dict[str, int] = {}
-    conv1d = _hf_conv1d_class()
-    for mname, mod in model.named_modules():
-        axis = None
-        if isinstance(mod, torch.nn.Linear) or (isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed):
-            axis = 1
-        elif conv1d is not None and isinstance(mod, conv1d):
-            axis = 0
-        w = getattr(mod, "weight", None)
-        if axis is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
-            found.setdefault(f"{mname}.weight" if mname else "weight", axis)
-    if isinstance(model, torch.fx.GraphModule):
-        for name, axis in _graph_weight_axes(model).items():
-            found.setdefault(name, axis)
-    aliases = _aliases(model)
+    found = module_gemm_axes(model)
+    graph = model if isinstance(model, torch.fx.GraphModule) else None
+    if graph is None and example_inputs is not None:
+        graph = capture(model, example_inputs, kwargs)
+    if graph is not None:
+        try:
+            found = gemm_weight_axes(graph)
+        except UnsupportedError:  # a graph without shape metadata (symbolic_trace): module types only
+            log.info("sparse_weight_axes: %s has no shape metadata; GEMM weights by module type",
+                     type(model).__name__)
+    aliases = parameter_aliases(model)
     out: dict[str, int] = {}
     skips: list[Skip] = []
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -251,7 +250,7 @@ def export(
         )
     trt = None
     if format == "tensorrt":
-        from nmgraph import tensorrt as trt
+        from nmgraph.exporters import tensorrt as trt
 
         trt.require_tensorrt()
     _require_onnx()
@@ -266,27 +265,26 @@ def export(
     seconds: dict[str, float] = {}
 
     module = model_or_gm
-    axes, skips = sparse_weight_axes(module, p, plan)
+    axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
     params = dict(module.named_parameters(remove_duplicate=False))
     nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
     converted = False
-    convert_meta: Mapping[str, Any] = {}
+    left_dense: dict[str, str] = {}
     if convert is True or (convert == "auto" and nm and not any(nm.values())):
         t0 = time.perf_counter()
-        converted_gm = _run_convert(module, args, kwargs, p, plan)
+        converted_gm, convert_plan = _run_convert(module, args, kwargs, p, plan)
         seconds["convert"] = time.perf_counter() - t0
-        convert_meta = getattr(converted_gm, "meta", {}).get("nmgraph_convert", {})
+        left_dense = {s.name: s.reason for s in convert_plan.skipped}
         # convert prunes the model's own parameters in place: export the model itself (its module
         # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
         if not _shares_parameters(converted_gm, module):
             module = converted_gm
         converted = True
-        axes, skips = sparse_weight_axes(module, p, plan)
+        axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
         params = dict(module.named_parameters(remove_duplicate=False))
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
     model_dense = list(skips)
     violations: list[Skip] = []
-    left_dense = {s.name: s.reason for s in convert_meta.get("skipped", ())}
     for name, ok in nm.items():
         if ok:
             continue
@@ -307,7 +305,7 @@ def export(
     if fp16:
         export_module = copy.deepcopy(module).to(torch.float16)
         export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
-    _set_eval(export_module)
+    set_eval(export_module)
     t0 = time.perf_counter()
     used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
                               dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
@@ -356,13 +354,6 @@ def export(
 # --- steps ---------------------------------------------------------------------------------------
 
 
-def _set_eval(module: torch.nn.Module) -> None:
-    try:
-        module.eval()
-    except NotImplementedError:  # torch.export's module() refuses eval(); set the flags directly
-        torch.nn.Module.train(module, False)
-
-
 def _replace(report: ExportReport, **changes: Any) -> ExportReport:
     import dataclasses
 
@@ -379,31 +370,13 @@ def _require_onnx() -> None:
             ) from e
 
 
-def _optional(module: str, attr: str) -> Any:
-    """``module.attr`` if that nmgraph module exists, else ``None`` (it may not be installed yet)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
-def _run_convert(module, args, kwargs, p: Pattern, plan) -> torch.nn.Module:
-    convert_fn = _optional("nmgraph.training", "convert")
-    if convert_fn is None:
-        raise UnsupportedError(
-            f"No weight of {type(module).__name__} is {p} yet and nmgraph.convert is not available "
-            f"in this install. Prune first (w.mul_(nmgraph.nm_mask(w, '{p}')) on every Linear/Conv "
-            "weight) or install the full nmgraph."
-        )
-    from nmgraph.capture import capture
-
+def _run_convert(module: torch.nn.Module, args: tuple, kwargs: dict, p: Pattern,
+                 plan: SparsityPlan | None) -> tuple[torch.fx.GraphModule, SparsityPlan]:
+    """Prunes ``module`` (its own parameters, through a captured graph) to ``p``; returns the graph and plan."""
     gm = module if isinstance(module, torch.fx.GraphModule) else capture(module, args, kwargs)
-    extra = {"plan": plan} if plan is not None and _accepts(convert_fn, "plan") else {}
-    out = convert_fn(gm, pattern=p, **extra)
-    return getattr(out, "gm", out)
+    plan = plan if plan is not None else analyze(gm, p)
+    run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+    return gm, plan
 
 
 def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
@@ -412,15 +385,6 @@ def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
         return True
     own = dict(model.named_parameters(remove_duplicate=False))
     return all(own.get(name) is t for name, t in gm.named_parameters(remove_duplicate=False))
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -438,79 +402,10 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
     )
 
 
-def _hf_conv1d_class() -> type | None:
-    import sys
-
-    if "transformers" not in sys.modules:
-        return None  # nothing can be an instance of it
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _graph_weight_axes(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """Weights read directly (``get_attr``) by GEMM / conv nodes of a captured graph."""
-    aten = torch.ops.aten
-    rules: dict[Any, tuple[int, int]] = {}  # op -> (weight arg index, reduction axis)
-    for name in _LINEAR_OPS:
-        rules[getattr(aten, name).default] = (1, 1)
-    rules[aten.addmm.default] = (2, 0)
-    rules[aten.mm.default] = (1, 0)
-    rules[aten.matmul.default] = (1, 0)
-    for name in _CONV_OPS:
-        op = getattr(aten, name)
-        for overload in op.overloads():
-            rules[getattr(op, overload)] = (1, 1)
-    out: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in rules:
-            continue
-        idx, axis = rules[node.target]
-        if len(node.args) <= idx:
-            continue
-        w = node.args[idx]
-        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-            continue
-        if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6]:
-            continue  # transposed convolution
-        out.setdefault(str(w.target), axis)
-    return out
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, str]:
-    from nmgraph.onnx_check import parameter_aliases
-
-    return parameter_aliases(model)
-
-
 def _flat_tensors(tree: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree
 
     return [x for x in _pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-
-
-def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    from torch.utils import _pytree
-
-    batch = torch.export.Dim("batch", min=1)
-
-    def spec(x: Any) -> Any:
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
-
-    if not kwargs:
-        return tuple(_pytree.tree_map(spec, a) for a in args)
-    import inspect
-
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise UnsupportedError(
-            f"dynamic_batch=True: cannot match the example inputs to {type(module).__name__}.forward's "
-            f"parameters ({e}); pass all inputs positionally."
-        ) from e
-    return {k: _pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
 def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter, input_names,
@@ -519,7 +414,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     failures: list[str] = []
     if exporter in ("auto", "dynamo"):
         try:
-            dynamic_shapes = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
+            dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if dynamic_batch else None
             with torch.no_grad():
                 program = torch.onnx.export(
                     module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,

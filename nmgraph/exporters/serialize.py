@@ -33,10 +33,14 @@ from typing import Any
 
 import torch
 
+from nmgraph._version import __version__
+from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.capture import batch_dynamic_shapes, split_inputs
 from nmgraph.compress import CompressedNM, compress
 from nmgraph.errors import PlanError, SerializationError
+from nmgraph.exporters.onnx_check import diagnose_nm
+from nmgraph.exporters.onnx_export import sparse_weight_axes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 
 __all__ = [
     "FORMAT_VERSION",
@@ -95,7 +99,7 @@ def save(
     """Saves ``model`` (N:M weights compressed) to the directory ``path`` (created if needed).
 
     The weights to compress are the plan's layers, or without a plan the model's Linear / Conv /
-    ``Conv1D`` weights (see :func:`nmgraph.export.sparse_weight_axes`) that are N:M. A plan layer
+    ``Conv1D`` weights (see :func:`nmgraph.exporters.onnx_export.sparse_weight_axes`) that are N:M. A plan layer
     that is not N:M raises :class:`PlanError` (run :func:`nmgraph.convert` first).
     ``permutations``: ``{group_id: LongTensor}`` (or an object with a ``perms`` mapping) recorded
     with the plan. ``program`` (default: when ``example_inputs`` are given) also saves a weightless
@@ -103,8 +107,6 @@ def save(
     """
     from safetensors.torch import save_file
 
-    from nmgraph import __version__
-    from nmgraph.export import sparse_weight_axes
 
     p = Pattern.parse(pattern)
     if not isinstance(model, torch.nn.Module):
@@ -113,7 +115,8 @@ def save(
     if out.exists() and not out.is_dir():
         raise SerializationError(f"{str(out)!r} exists and is not a directory; pass a directory path.")
     out.mkdir(parents=True, exist_ok=True)
-    axes, skips = sparse_weight_axes(model, p, plan)
+    ex_args, ex_kwargs = split_inputs(example_inputs) if example_inputs is not None else (None, None)
+    axes, skips = sparse_weight_axes(model, p, plan, example_inputs=ex_args, kwargs=ex_kwargs)
     state = model.state_dict()
     aliases = _state_aliases(state)
     tensors: dict[str, torch.Tensor] = {}
@@ -135,7 +138,6 @@ def save(
             nbytes += c.nbytes
             continue
         if axis is not None:
-            from nmgraph.onnx_check import diagnose_nm
 
             reason = diagnose_nm(value, p, axis).reason
             if plan is not None:
@@ -230,7 +232,7 @@ def load(
         if not meta.get("program"):
             raise SerializationError(
                 f"{str(root)!r} has no {PROGRAM_FILE}: pass the model (or a factory) to load into, e.g. "
-                "nmgraph.serialize.load(path, MyModel(...)), or save with example_inputs= to include "
+                "nmgraph.exporters.serialize.load(path, MyModel(...)), or save with example_inputs= to include "
                 "the program."
             )
         target = _load_program(root / PROGRAM_FILE, meta.get("program_imports", ()))
@@ -344,10 +346,10 @@ def _perms_to_json(perms: Any) -> dict[str, list[int]] | None:
 def _read_meta(root: Path) -> dict[str, Any]:
     file = root / META_FILE
     if not root.is_dir():
-        raise SerializationError(f"{str(root)!r} is not a directory saved by nmgraph.serialize.save.")
+        raise SerializationError(f"{str(root)!r} is not a directory saved by nmgraph.exporters.serialize.save.")
     if not file.is_file():
         raise SerializationError(
-            f"{str(root)!r} has no {META_FILE}: not a directory saved by nmgraph.serialize.save."
+            f"{str(root)!r} has no {META_FILE}: not a directory saved by nmgraph.exporters.serialize.save."
         )
     try:
         meta = json.loads(file.read_text())
@@ -471,7 +473,7 @@ def _check_against(model: torch.nn.Module, state: Mapping[str, torch.Tensor], ro
 def _save_inputs(example_inputs: Any, file: Path) -> None:
     from safetensors.torch import save_file
 
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     tensors: dict[str, torch.Tensor] = {}
 
     def slot(key: str, value: Any) -> Any:
@@ -490,20 +492,11 @@ def _save_inputs(example_inputs: Any, file: Path) -> None:
     save_file(tensors, os.fspath(file), metadata={"layout": json.dumps(layout)})
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(
-            example_inputs[1], Mapping) and isinstance(example_inputs[0], (tuple, list)):
-        return tuple(example_inputs[0]), dict(example_inputs[1])
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
-
-
 def _save_program(model: torch.nn.Module, example_inputs: Any, file: Path) -> list[str]:
     """Saves a torch.export program whose weights are 1-element placeholders (weights.safetensors
     holds the real ones). Returns the modules defining the program's input/output container types
     (e.g. ``transformers.modeling_outputs``): loading must import them first to rebuild the types."""
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     try:
         ep = _export_program(model, args, kwargs)
     except Exception as e:
@@ -532,11 +525,10 @@ def _save_program(model: torch.nn.Module, example_inputs: Any, file: Path) -> li
 
 def _export_program(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """torch.export with a dynamic batch axis when the model allows it, else with static shapes."""
-    from nmgraph.export import _dynamic_shapes
 
     try:
         return torch.export.export(model, args, kwargs, strict=False,
-                                   dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+                                   dynamic_shapes=batch_dynamic_shapes(model, args, kwargs))
     except Exception:
         log.debug("dynamic-batch export failed; saving a static program", exc_info=True)
         return torch.export.export(model, args, kwargs, strict=False)
