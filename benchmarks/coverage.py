@@ -296,7 +296,7 @@ def _header() -> str:
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"# nmgraph coverage | torch {torch.__version__} | transformers {transformers.__version__} | "
-            f"python {platform.python_version()} | {cpu}, {gpu} | nmgraph {Path(nmgraph.__file__).parent} "
+            f"python {platform.python_version()} | {cpu}, {gpu} | nmgraph {nmgraph.__version__} "
             f"(git {commit}) | {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 

@@ -7,28 +7,12 @@ pruned weight; runs everywhere, :mod:`~nmgraph.backends.dense`), ``"triton"`` (n
 :mod:`~nmgraph.backends.cusparselt`). :mod:`~nmgraph.backends.ops` holds what their graph ops share;
 :mod:`~nmgraph.backends.dispatch` measures them per layer. Registries are objects, so a test or a
 user can build one with their own backends; :func:`default_registry` returns a fresh one with the
-built-in backends. A new backend is one file plus one line in :func:`default_registry`.
+built-in backends. A new backend is one file plus one line in :mod:`~nmgraph.backends.registry`.
 """
 
 from __future__ import annotations
 
 from nmgraph.backends.base import Backend, BackendRegistry, GraphCall
-from nmgraph.backends.cusparselt import CuSparseLtBackend
-from nmgraph.backends.dense import DenseBackend
-from nmgraph.backends.triton_nm import TritonBackend
+from nmgraph.backends.registry import backend_names, default_registry
 
 __all__ = ["Backend", "BackendRegistry", "GraphCall", "backend_names", "default_registry"]
-
-
-def default_registry() -> BackendRegistry:
-    """A new registry with the built-in backends, in the order dispatch measures them.
-
-    >>> default_registry().names()
-    ('dense', 'triton', 'cusparselt')
-    """
-    return BackendRegistry([DenseBackend(), TritonBackend(), CuSparseLtBackend()])
-
-
-def backend_names() -> tuple[str, ...]:
-    """Names of the built-in backends (every list of backend names in nmgraph derives from this)."""
-    return default_registry().names()

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from nmgraph.backends import BackendRegistry, backend_names, default_registry
+from nmgraph.backends.base import BackendRegistry
+from nmgraph.backends.registry import backend_names, default_registry
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import SerializationError, UnsupportedError
 

@@ -47,6 +47,7 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
+from nmgraph.exporters import tensorrt as trt
 from nmgraph.exporters.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm, parameter_aliases
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
@@ -248,10 +249,7 @@ def export(
         raise UnsupportedError(
             f"export() needs a torch.nn.Module or GraphModule, got {type(model_or_gm).__name__}."
         )
-    trt = None
     if format == "tensorrt":
-        from nmgraph.exporters import tensorrt as trt
-
         trt.require_tensorrt()
     _require_onnx()
     path = Path(path)
@@ -340,7 +338,7 @@ def export(
         )
     for s in violations:
         log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
-    if trt is not None:
+    if format == "tensorrt":
         t0 = time.perf_counter()
         engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
                                   dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
