@@ -15,6 +15,7 @@ from nmgraph.deploy import CompiledModule, CompileOptions, compile
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
+    CaptureWarning,
     NMGraphError,
     PatternError,
     PlanError,
@@ -35,6 +36,7 @@ from nmgraph.training import SparsityCallback, convert, prepare
 __all__ = [
     "BackendUnavailableError",
     "CaptureError",
+    "CaptureWarning",
     "CompileOptions",
     "CompiledModule",
     "CompressedNM",

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "CaptureError",
+    "CaptureWarning",
     "NMGraphError",
     "PatternError",
     "PlanError",
@@ -58,3 +59,8 @@ class BackendUnavailableError(NMGraphError, RuntimeError):
 
 class SerializationError(NMGraphError, RuntimeError):
     """A saved nmgraph artifact is missing, corrupt or does not match the model."""
+
+
+class CaptureWarning(UserWarning):
+    """Capture succeeded with less than asked: a static axis torch.export refused to make dynamic, or a
+    ``torch.fx.symbolic_trace`` graph after ``torch.export`` failed (the message carries why)."""

@@ -58,7 +58,10 @@ class GraphRecord:
     """nmgraph's state of one captured graph.
 
     ``captured_by``: ``"export"`` or ``"symbolic_trace"``; ``example_args`` / ``example_kwargs``:
-    the inputs it was captured with (verification reruns them); ``permuted``: the
+    the inputs it was captured with (verification reruns them); ``inputs``: each tensor input's name,
+    example shape and dynamic axes (:class:`nmgraph.capture.InputAxes`); ``notes``: what capture had
+    to do or give up (cache turned off while tracing, an axis kept static, the export error before a
+    ``symbolic_trace`` fallback); ``permuted``: the
     :class:`~nmgraph.passes.permute_channels.PermuteReport` of the permutation ``prepare`` ran;
     ``prepared`` / ``converted``: what ``prepare`` / ``convert`` did.
     """
@@ -67,6 +70,8 @@ class GraphRecord:
     example_args: tuple = ()
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
     permuted: Any = None
+    inputs: tuple[Any, ...] = ()
+    notes: tuple[str, ...] = ()
     prepared: PrepareRecord | None = None
     converted: ConvertRecord | None = None
 

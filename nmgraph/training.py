@@ -22,6 +22,8 @@ as torch's own ``ExportedProgram.module()`` does for its refusing ones.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import logging
 import types
 from collections.abc import Mapping, Sequence
@@ -29,15 +31,29 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from nmgraph.analysis import analyze
 from nmgraph.analysis.plan import SparsityPlan
-from nmgraph.capture import capture
-from nmgraph.errors import CaptureError, PlanError, UnsupportedError
-from nmgraph.graph import ConvertRecord, PrepareRecord, fetch_attr, graph_record, update_graph_record
-from nmgraph.masking import MASK_OP, SADTracker, Schedule, SparsityState, TrainingConfig, method_from_name
+from nmgraph.capture import capture, no_cache
+from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
+from nmgraph.graph import ConvertRecord, PrepareRecord, graph_record, update_graph_record
+from nmgraph.masking import (
+    MASK_OP,
+    SADTracker,
+    Schedule,
+    SparsityState,
+    TrainingConfig,
+    attach_masks,
+    detach_masks,
+    latent_weight,
+    masked_weights,
+    method_from_name,
+)
+from nmgraph.masking.schedule import Phase
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
+from nmgraph.passes.permute_channels import apply_permutation
 from nmgraph.passes.permute_channels import permute as permute_channels
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
@@ -117,11 +133,20 @@ def prepare(
     exclude: Sequence[str] = (),
     search: str = "greedy",
     seed: int = 0,
-) -> fx.GraphModule:
-    """Returns a trainable GraphModule in which every eligible weight reaches its consumer through a mask node.
+    inplace: bool = False,
+) -> torch.nn.Module:
+    """Returns a trainable model in which every eligible weight is read through ``nmgraph::masked_weight``.
 
-    ``model`` is captured with :func:`nmgraph.capture` (an already captured graph is used and
-    modified in place); parameters stay the model's own, so an optimizer may be built on either.
+    ``inplace=False`` (default): a GraphModule with a mask node after each eligible weight. ``model``
+    is captured with :func:`nmgraph.capture` (an already captured graph is used and modified in
+    place); parameters stay the model's own, so an optimizer may be built on either.
+
+    ``inplace=True``: the masks attach to ``model`` itself (a parametrization per eligible weight, see
+    :mod:`nmgraph.masking.module_masks`) and ``model`` is returned: the same object, class and methods,
+    so HF ``Trainer``, ``accelerate``, gradient checkpointing, ``generate``, any input shape and
+    ``save_pretrained`` work as before. The plan and the permutation still come from the graph
+    captured with ``example_inputs`` (a tuple, or a dict of keyword inputs as the model is called);
+    after permuting, the model's own output on them is checked against its output before.
     ``method`` is a name (``"ste"``, ``"sr-ste"``, ``"mdgf-linear"``, ``"mdgf-exp"``,
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
     :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
@@ -161,6 +186,16 @@ def prepare(
                 "prepare(..., permute=False, saliency=scores)."
             )
 
+    if inplace and isinstance(model, fx.GraphModule):
+        raise PlanError(
+            "prepare(inplace=True) attaches the masks to your own module; pass the model itself, not a "
+            "captured graph (or use inplace=False to get a prepared graph)."
+        )
+    if inplace and (hasattr(model, STATE_NAME) or next(masked_weights(model), None) is not None):
+        raise PlanError(
+            f"{type(model).__name__} is already prepared (it has {STATE_NAME!r}): call nmgraph.convert(model) "
+            "to fold its masks first, or prepare a fresh copy."
+        )
     if isinstance(model, fx.GraphModule) and graph_record(model) is not None:
         gm = model
     else:
@@ -180,6 +215,8 @@ def prepare(
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
     if scores is not None:
         PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
+    if inplace:
+        return _prepare_module(model, gm, plan, config, permute=permute, search=search, seed=seed, scores=scores)
     if permute:
         report = permute_channels(gm, plan, search=search, seed=seed)
         update_graph_record(gm, permuted=report)
@@ -199,6 +236,69 @@ def prepare(
     set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
+
+
+def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPlan, config: TrainingConfig, *,
+                    permute: bool, search: str, seed: int, scores: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """``prepare(inplace=True)``: permute through the graph, check the model itself, attach the masks."""
+    if not plan.layers:
+        raise PlanError(
+            f"prepare() found no weight to mask for {config.pattern}: {len(plan.skipped)} left dense "
+            f"({'; '.join(f'{s.name}: {s.reason}' for s in plan.skipped[:5])})."
+        )
+    rec = graph_record(gm)
+    args, kwargs = (rec.example_args, dict(rec.example_kwargs)) if rec is not None else ((), {})
+    report = None
+    if permute:
+        before = _module_outputs(model, args, kwargs)
+        report = permute_channels(gm, plan, search=search, seed=seed)
+        if report.permuted:
+            err = _relative_change(before, _module_outputs(model, args, kwargs))
+            if err > (2e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in before) else 1e-4):
+                groups = {g.id: g for g in plan.groups}
+                for gid in reversed(report.permuted):
+                    apply_permutation(gm, groups[gid], torch.argsort(report.perms[gid]))
+                raise VerificationError(
+                    f"The permutation kept {type(model).__name__}'s captured graph exact but changed the module's "
+                    f"own output (relative change {err:.2e}): a tensor the graph permuted is not one the module "
+                    "reads (a constant made in forward?). The model was restored. Use permute=False."
+                )
+        log.info("permutation before training: %s", report)
+    for s in plan.skipped:
+        log.info("left dense: %s (%s)", s.name, s.reason)
+    attach_masks(model, config, [(i.name, i.shape, i.axis) for i in plan.layers], scores=scores)
+    log.info("prepared %d weights of %s in place for %s; %d left dense", len(plan.layers),
+             type(model).__name__, config, len(plan.skipped))
+    return model
+
+
+def _module_outputs(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The model's floating-point outputs in eval mode, same RNG stream, buffers and mode restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [b for _, b in model.named_buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), no_cache(model, kwargs):
+            torch.manual_seed(0)
+            out = model(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    leaves = pytree.tree_leaves(out)
+    return [x.detach().clone() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def _relative_change(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(ref, new):
+        if a.numel():
+            worst = max(worst, float((a.float() - b.float()).abs().max()) / max(float(a.float().abs().max()), 1e-30))
+    return worst
 
 
 def convert(
@@ -221,8 +321,23 @@ def convert(
     graph without masks (or a model, captured with ``example_inputs``), prunes the weights of
     ``plan`` (default ``nmgraph.analyze(gm, pattern or "2:4")``) by magnitude or ``saliency``.
     Weights are changed in place (they are the model's own) unless ``inplace=False``.
+
+    On a model prepared with ``prepare(..., inplace=True)``, folds each hard mask into its weight and
+    removes the masks: the same model object comes back as a plain module (its own class, no
+    parametrizations, hooks or mask state) whose masked weights are exactly N:M.
     """
     gm = gm_or_prepared
+    if not isinstance(gm, fx.GraphModule) and next(masked_weights(gm), None) is not None:
+        if plan is not None or saliency is not None:
+            raise PlanError(
+                "convert() folds the trained masks of a prepared model; plan= and saliency= apply only to a "
+                "model without masks."
+            )
+        if not inplace:
+            gm = copy.deepcopy(gm)
+        folded = detach_masks(gm, pattern=None if pattern is None else Pattern.parse(pattern))
+        log.info("convert: folded masks into %d weights of %s", len(folded), type(gm).__name__)
+        return gm
     if not isinstance(gm, fx.GraphModule):
         if example_inputs is None:
             raise CaptureError(
@@ -282,16 +397,40 @@ def _find_state(module: torch.nn.Module) -> tuple[torch.nn.Module, SparsityState
 
 
 def _weights(owner: torch.nn.Module, state: SparsityState) -> dict[str, torch.Tensor]:
-    return {st.weight_name: fetch_attr(owner, st.weight_name) for _, st in state.layers()}
+    """The latent (unmasked) weights of ``state``'s layers: graph attributes or the module's originals."""
+    return {st.weight_name: latent_weight(owner, st.weight_name) for _, st in state.layers()}
+
+
+@functools.cache
+def _trainer_callback_class(base: type) -> type:
+    """``base`` (SparsityCallback) mixed with ``transformers.TrainerCallback`` (made once per process)."""
+    import transformers
+
+    return type(base.__name__, (base, transformers.TrainerCallback), {"__module__": base.__module__,
+                                                                     "__doc__": base.__doc__})
 
 
 class SparsityCallback:
-    """Advances a prepared graph's schedule; call :meth:`step` after every optimizer step.
+    """Advances a prepared model's sparsity schedule: a ``transformers.TrainerCallback``, or ``.step()``.
 
-    ``module`` is the prepared graph (or a module wrapping it: DDP, ``torch.compile``).
+    ``module`` is the prepared model (``prepare(..., inplace=True)``), the prepared graph, or a module
+    wrapping either (DDP, ``torch.compile``). When transformers is installed the object *is* a
+    ``transformers.TrainerCallback``: ``Trainer(model=model, callbacks=[nmgraph.SparsityCallback(model)])``
+    advances the schedule after every optimizer step and adds to the Trainer's logs (printed, kept in
+    ``trainer.state.log_history``) ``nm_sparsity`` (the share of masked weights the forward zeroes
+    now), ``nm_mask_flips`` (the share of kept weights that changed per step, averaged since the last
+    log), ``nm_sad_start`` (the share of kept weights that differ from the masks when training began),
+    ``nm_phase`` (dense, sparse or finetune) and ``nm_pattern``. Without a Trainer, call
+    :meth:`step` after every optimizer step.
+
     ``telemetry=True`` (or a :class:`SADTracker`) makes :meth:`step` return the SAD dict of the step;
     ``log_every`` sets the tracker's INFO logging interval.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SparsityCallback:
+        if cls is SparsityCallback and importlib.util.find_spec("transformers") is not None:
+            cls = _trainer_callback_class(SparsityCallback)
+        return super().__new__(cls)
 
     def __init__(self, module: torch.nn.Module, *, telemetry: bool | SADTracker = False, log_every: int = 0) -> None:
         self.owner, self.state = _find_state(module)
@@ -299,6 +438,7 @@ class SparsityCallback:
             self.telemetry: SADTracker | None = telemetry
         else:
             self.telemetry = SADTracker(self.state, log_every=log_every) if telemetry else None
+        self._flips: list[float] = []
 
     @property
     def config(self) -> TrainingConfig:
@@ -311,34 +451,78 @@ class SparsityCallback:
     def step(self) -> dict[str, Any] | None:
         """Counts one optimizer step and updates masks and beta; returns SAD telemetry if enabled."""
         self.state.advance(_weights(self.owner, self.state))
-        return self.telemetry.update() if self.telemetry is not None else None
+        if self.telemetry is None:
+            return None
+        record = self.telemetry.update()
+        self._flips.append(record["flips"])
+        return record
 
-    def hf(self, **kwargs: Any) -> Any:
-        """This callback as a ``transformers.TrainerCallback`` (see :func:`hf_callback`)."""
-        return hf_callback(self, **kwargs)
+    def hf(self, **kwargs: Any) -> SparsityCallback:
+        """This callback (it already is a ``transformers.TrainerCallback``); kept for older code."""
+        return self
+
+    def metrics(self) -> dict[str, Any]:
+        """What the callback adds to the Trainer's logs (see the class docstring)."""
+        kept = total = 0
+        with torch.no_grad():
+            for _, st in self.state.layers():
+                kept += int(st.mask.sum())
+                total += st.mask.numel()
+        plan = self.state.current_plan()
+        out: dict[str, Any] = {"nm_sparsity": round(1 - kept / total, 6) if total else 0.0}
+        if self.telemetry is not None:
+            history = self.telemetry.history
+            if self._flips:
+                out["nm_mask_flips"] = sum(self._flips) / len(self._flips)
+            if history:
+                out["nm_sad_start"] = history[-1]["dist_start"]
+        out["nm_phase"] = plan.phase.value
+        out["nm_pattern"] = "dense" if plan.pattern is None or plan.phase is Phase.DENSE else str(plan.pattern)
+        return out
+
+    # --- transformers.TrainerCallback events (plain methods: no transformers import needed) --------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Starts mask telemetry from the masks as they are now (after a checkpoint was restored)."""
+        if self.telemetry is None or self.telemetry.start_step != self.state.current_step:
+            self.telemetry = SADTracker(self.state, keep_history=False)
+        self._flips = []
+        step = getattr(state, "global_step", None)
+        if step is not None and step != self.state.current_step:
+            log.warning(
+                "SparsityCallback: the Trainer is at step %d but the model's sparsity schedule at step %d; the "
+                "schedule counts from its own state (restored with the model's state_dict).", step,
+                self.state.current_step)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Runs :meth:`step` after each optimizer step."""
+        self.step()
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> Any:
+        """Adds :meth:`metrics` to the logs being written and to ``state.log_history``."""
+        if logs is None or "eval_loss" in logs or any(k.startswith("eval_") for k in logs):
+            return control
+        extra = self.metrics()
+        self._flips = []
+        logs.update(extra)
+        history = getattr(state, "log_history", None)
+        if history and isinstance(history[-1], dict) and history[-1].get("step") == getattr(state, "global_step", None):
+            history[-1].update(extra)
+        return control
 
 
 def hf_callback(module_or_callback: torch.nn.Module | SparsityCallback, **kwargs: Any) -> Any:
-    """A ``transformers.TrainerCallback`` that advances the schedule at every ``on_step_end``.
+    """The ``transformers.TrainerCallback`` for a prepared model: :class:`SparsityCallback` itself.
 
-    ``Trainer(model=prepared, ..., callbacks=[nmgraph.training.hf_callback(prepared)])``; keyword
-    arguments go to :class:`SparsityCallback`. transformers is imported here, on first use.
+    Kept for older code; ``Trainer(..., callbacks=[nmgraph.SparsityCallback(model)])`` is the same.
     """
     import transformers
 
     cb = module_or_callback if isinstance(module_or_callback, SparsityCallback) else SparsityCallback(
         module_or_callback, **kwargs
     )
-
-    class NMGraphTrainerCallback(transformers.TrainerCallback):
-        """Runs ``SparsityCallback.step()`` after each optimizer step (``on_step_end``)."""
-
-        def __init__(self, sparsity: SparsityCallback) -> None:
-            self.sparsity = sparsity
-            self.last: dict[str, Any] | None = None
-
-        def on_step_end(self, args, state, control, **kw):
-            self.last = self.sparsity.step()
-            return control
-
-    return NMGraphTrainerCallback(cb)
+    if not isinstance(cb, transformers.TrainerCallback):
+        cb.__class__ = _trainer_callback_class(SparsityCallback)
+    return cb

@@ -29,6 +29,7 @@ from nmgraph.analysis.nodes import attr_value, mutates, op_name, shape_of
 from nmgraph.analysis.plan import LayerInfo, SparsityPlan
 from nmgraph.analysis.rules import Rule, output_barrier, rule_of, rule_table
 from nmgraph.errors import UnsupportedError
+from nmgraph.graph import graph_record
 from nmgraph.pattern import Pattern, PatternLike
 
 __all__ = ["analyze"]
@@ -70,6 +71,7 @@ def analyze(
             f"analyze() needs a captured graph, got {type(gm).__name__}; call nmgraph.capture(model, "
             "example_inputs) first."
         )
+    _refuse_module_calls(gm)
     p = Pattern.parse(pattern)
     table = rule_table(rules)
     found = find_layers(gm, p, include, exclude, dense_head)
@@ -123,3 +125,29 @@ def analyze(
     plan = SparsityPlan(p, tuple(layers), found.skipped, tuple(groups), tuple(barriers))
     log.info("analyze: %d eligible, %d dense, %d groups", len(layers), len(found.skipped), len(groups))
     return plan
+
+
+def _refuse_module_calls(gm: fx.GraphModule) -> None:
+    """Raises :class:`UnsupportedError` naming the weights of layers the graph calls as modules.
+
+    Such layers (``call_module`` nodes, as ``torch.fx.symbolic_trace`` leaves ``nn.Linear``) hide their
+    weights from the analysis; a plan without them would silently leave them dense.
+    """
+    hidden: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = gm.get_submodule(str(node.target))
+        hidden += [f"{node.target}.{n}" for n, w in sub.named_parameters() if w.dim() >= 2]
+    if not hidden:
+        return
+    rec = graph_record(gm)
+    why = next((n for n in (rec.notes if rec is not None else ()) if n.startswith("torch.export failed")), None)
+    names = ", ".join(hidden[:8]) + (f" and {len(hidden) - 8} more" if len(hidden) > 8 else "")
+    raise UnsupportedError(
+        f"analyze() cannot read {len(hidden)} weights of layers this graph calls as modules (call_module "
+        f"nodes): {names}. Such a graph comes from torch.fx.symbolic_trace"
+        + (f", used because {why}" if why else "")
+        + ". Capture with torch.export instead: nmgraph.capture(model, example_inputs) with the inputs "
+        "exactly as the model is called (shapes, a dict or kwargs= for keyword inputs)."
+    )

@@ -13,9 +13,12 @@ from nmgraph.masking.layer_state import MaskState
 from nmgraph.masking.schedule import Phase, StepPlan, TrainingConfig, plan_step
 from nmgraph.masking.select import nm_mask_fast
 
-__all__ = ["SparsityState"]
+__all__ = ["STATE_NAME", "SparsityState"]
 
 log = logging.getLogger(__name__)
+
+#: The child module that holds a prepared model's (or graph's) masks and schedule state.
+STATE_NAME = "nmgraph_sparsity"
 
 
 class SparsityState(nn.Module):

@@ -25,15 +25,13 @@ from torch import fx
 from nmgraph.analysis.plan import LayerInfo, Skip
 from nmgraph.errors import PlanError, ShapeError
 from nmgraph.graph import fetch_attr
-from nmgraph.masking import MASK_OP, MaskState, SparsityState, TrainingConfig
+from nmgraph.masking import MASK_OP, STATE_NAME, MaskState, SparsityState, TrainingConfig
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern
 
 __all__ = ["STATE_NAME", "InsertMasksConfig", "MaskNodeInfo", "insert_masks"]
 
 log = logging.getLogger(__name__)
-
-STATE_NAME = "nmgraph_sparsity"
 
 
 @dataclass(frozen=True)
