@@ -208,9 +208,9 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, dy
         got = {f"{a.name} axis {ax} ({d})" for a in captured for ax, d in a.dynamic.items()}
         static = [w for w in wanted if w not in got]
         if static:
-            why = " | ".join(static_reasons) or "torch.export's suggested fixes specialized it"
-            msg = (f"capture({type(model).__name__}): kept {', '.join(static)} static because torch.export "
-                   f"specialized it: {why}. Calls with other sizes on those axes raise ShapeError; pass "
+            why = " | ".join(static_reasons) or "its suggested fixes for the dynamic spec made it a constant"
+            msg = (f"capture({type(model).__name__}): kept {', '.join(static)} static; torch.export specialized "
+                   f"it ({why}). Calls with other sizes on those axes raise ShapeError; pass "
                    "dynamic_shapes= to say which axes may vary, or train the model itself with "
                    "nmgraph.prepare(..., inplace=True).")
             notes.append(msg)
@@ -295,18 +295,13 @@ def _spec_for(model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str
 
     flat_args = [_pytree.tree_map(spec, a) for a in args]
     flat_kwargs = {k: _pytree.tree_map(spec, v) for k, v in kwargs.items()}
-    if not kwargs:
-        return tuple(flat_args)
     try:
-        params = list(inspect.signature(model.forward).parameters)
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*flat_args, **flat_kwargs)
     except (TypeError, ValueError):
-        return None
-    out: dict[str, Any] = {}
-    positional = dict(zip(params, flat_args))
-    for pname in bound.arguments:
-        out[pname] = positional[pname] if pname in positional else flat_kwargs.get(pname)
-    return out
+        return tuple(flat_args) if not kwargs else None
+    # keyed by the forward's parameter names (a *args parameter takes the tuple of its inputs)
+    return dict(bound.arguments)
 
 
 def _traced_inputs(args: tuple, kwargs: dict, axes: Sequence[InputAxes] | None) -> tuple[tuple, dict]:

@@ -155,7 +155,7 @@ class CompiledModule(torch.nn.Module):
             return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
             require_tensorrt("torch_tensorrt")
-        gm = capture(self.model, args, kwargs)
+        gm = capture(self.model, args, kwargs, dynamic=False)  # one graph per input signature, lowered for it
         plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
         if not self._sparsified:
             if opts.permute:

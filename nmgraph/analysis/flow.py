@@ -205,6 +205,11 @@ class Flow:
         else:
             c.segments = list(parts)
 
+    def alias(self, node: fx.Node, src: fx.Node) -> None:
+        """``node`` is ``src`` (a no-op such as a full slice): it shares ``src``'s spaces, so slices
+        taken of either are parts of one space."""
+        self.of_node[node] = list(self.of_node.get(src, ()))
+
     # -- spaces of a node
     def spaces_of(self, node: fx.Node) -> list[Space]:
         return [self.spaces[i] for i in self.of_node.get(node, ())]

@@ -507,6 +507,11 @@ def _slice(flow: Flow, node: fx.Node) -> None:
     full = shape_of(node)[dim] == size
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     step = node.args[4] if len(node.args) > 4 else 1
+    if full and start == 0 and step == 1:
+        # x[:, 0:] keeps every index: the same tensor (graphs captured with dynamic shapes keep these,
+        # torch cannot prove them no-ops); slices of it are slices of its source
+        flow.alias(node, src)
+        return
     for s in flow.spaces_of(src):
         if dim in s.axes and not full:
             if step == 1 and isinstance(start, int):
