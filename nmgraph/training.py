@@ -203,7 +203,7 @@ def prepare(
             raise CaptureError(
                 f"prepare() needs example_inputs to capture {type(model).__name__}; pass them as a tuple."
             )
-        gm = capture(model, example_inputs, kwargs)
+        gm = _capture_in_eval(model, example_inputs, kwargs) if inplace else capture(model, example_inputs, kwargs)
     if hasattr(gm, STATE_NAME):
         raise PlanError(
             f"This graph is already prepared (it has {STATE_NAME!r}). Call nmgraph.convert() on it, or "
@@ -270,6 +270,18 @@ def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPl
     log.info("prepared %d weights of %s in place for %s; %d left dense", len(plan.layers),
              type(model).__name__, config, len(plan.skipped))
     return model
+
+
+def _capture_in_eval(model: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None) -> fx.GraphModule:
+    """The graph ``prepare(inplace=True)`` analyzes and permutes through: captured in eval mode (dropout
+    off, so the permutation check is deterministic), the model's modes restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        return capture(model, example_inputs, kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _module_outputs(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -68,6 +68,10 @@ class MaskedWeight(nn.Module):
         st, bank = self._refs
         return MASK_OP(weight, st.mask, st.hard, bank.beta, st.grad_mask, self.lam, not self.training)
 
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Assigning ``module.weight = W`` (weight tying, ``functional_call``) sets the latent weight to ``W``."""
+        return value
+
     def extra_repr(self) -> str:
         return f"{self.state.weight_name}, target={self.state.target}, lam={self.lam:g}"
 
@@ -111,8 +115,15 @@ def _state_dict_hook(leaf: str):
 
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         key = prefix + original
-        if key in state_dict:
-            state_dict[prefix + leaf] = state_dict.pop(key)
+        if key not in state_dict:
+            return
+        # this module's entries are the last ones written: put the weight first among them, where the
+        # plain module has it (Linear: weight, then bias)
+        after = [k for k in state_dict if k.startswith(prefix) and k != key]
+        state_dict[prefix + leaf] = state_dict.pop(key)
+        if hasattr(state_dict, "move_to_end"):
+            for k in after:
+                state_dict.move_to_end(k)
 
     return hook
 
