@@ -91,7 +91,7 @@ def _switch_attention_dropout(node: fx.Node, on: bool) -> bool:
 
 
 def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
-    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+    return analyze(gm, pattern, include=include, exclude=exclude)
 
 
 def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
