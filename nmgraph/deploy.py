@@ -18,9 +18,9 @@ from torch import fx
 
 from nmgraph.analysis import analyze
 from nmgraph.backends import backend_names
-from nmgraph.backends.dispatch import CPU_REASON, Dispatcher
+from nmgraph.backends.dispatch import Dispatcher
 from nmgraph.capture import capture
-from nmgraph.errors import BackendUnavailableError, StrictModeError, UnsupportedError
+from nmgraph.errors import BackendUnavailableError, UnsupportedError
 from nmgraph.exporters.tensorrt import compile_torch_tensorrt, require_tensorrt
 from nmgraph.graph import fetch_attr
 from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
@@ -189,34 +189,19 @@ class CompiledModule(torch.nn.Module):
         return runner
 
     def _check_backend(self, gm: fx.GraphModule, plan: Any) -> None:
-        """Refuses, before any weight changes, a backend that cannot run on the weights' device, and
-        ``strict=True`` where no sparse backend can."""
-        if self.backend in ("eager", "tensorrt"):
+        """Refuses, before any weight changes, a backend that cannot run on the weights' device (other
+        failures, ``strict=True`` included, are undone by the rollback)."""
+        if self.backend in ("auto", "eager", "tensorrt"):
             return
         devices = {fetch_attr(gm, info.name).device for info in plan.layers} or {torch.device("cpu")}
-        registry = self._dispatcher.registry
-        if self.backend != "auto":
-            backend = registry.get(self.backend)
-            for device in devices:
-                reason = backend.device_reason(device) if backend.sparse else None
-                if reason is not None:
-                    raise BackendUnavailableError(
-                        f"nmgraph.compile(backend={self.backend!r}) cannot run on {device}: {reason}. Nothing "
-                        "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
-                    )
-            return
-        if self.options.strict and plan.layers:
-            for device in devices:
-                if device.type == "cpu" and not self._dispatcher.measure_on_cpu:
-                    reasons = {"auto": CPU_REASON}
-                else:
-                    reasons = {b.name: b.device_reason(device) for b in registry if b.sparse}
-                if reasons and all(r is not None for r in reasons.values()):
-                    raise StrictModeError(
-                        f"nmgraph.compile(strict=True): every layer would stay dense on {device}: "
-                        + "; ".join(f"{name}: {r}" for name, r in reasons.items())
-                        + ". Nothing was changed. Run on a device a sparse backend supports, or pass strict=False."
-                    )
+        backend = self._dispatcher.registry.get(self.backend)
+        for device in devices:
+            reason = backend.device_reason(device) if backend.sparse else None
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"nmgraph.compile(backend={self.backend!r}) cannot run on {device}: {reason}. Nothing "
+                    "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
+                )
 
     def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool) -> Any:
         opts = self.options

@@ -21,7 +21,7 @@ call keeps them only until it returns.
 ...     with Rollback() as undo:
 ...         undo.keep_tensors([lin.weight])
 ...         with torch.no_grad():
-...             lin.weight.zero_()
+...             _ = lin.weight.zero_()
 ...         raise KeyboardInterrupt
 ... except KeyboardInterrupt:
 ...     pass
