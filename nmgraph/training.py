@@ -14,19 +14,22 @@
 True
 
 The prepared graph's ``train()``/``eval()`` switch the mask nodes between the training forward and
-the hard N:M forward (and ``aten.dropout`` nodes between on and off). Graphs from ``torch.export``
+the hard N:M forward (and dropout between on and off: ``aten.dropout`` nodes and the ``dropout_p``
+of ``scaled_dot_product_attention``). Graphs from ``torch.export``
 refuse ``train()``/``eval()`` by default; :func:`prepare` installs these two methods on the instance,
 as torch's own ``ExportedProgram.module()`` does for its refusing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
 import logging
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +40,7 @@ from nmgraph.analysis import analyze
 from nmgraph.analysis.plan import SparsityPlan
 from nmgraph.capture import capture, no_cache
 from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
-from nmgraph.graph import ConvertRecord, PrepareRecord, graph_record, update_graph_record
+from nmgraph.graph import ConvertRecord, PrepareRecord, fetch_attr, graph_record, update_graph_record
 from nmgraph.masking import (
     MASK_OP,
     SADTracker,
@@ -53,28 +56,64 @@ from nmgraph.masking import (
 from nmgraph.masking.schedule import Phase
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
-from nmgraph.passes.permute_channels import apply_permutation
 from nmgraph.passes.permute_channels import permute as permute_channels
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern
+from nmgraph.rollback import Rollback
+from nmgraph.validate import check_plan_finite, check_seed
 
-__all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
+__all__ = ["AttentionDropout", "SparsityCallback", "convert", "hf_callback", "prepare", "set_mode", "without_dropout"]
 
 log = logging.getLogger(__name__)
 
 _DROPOUT = torch.ops.aten.dropout.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """``node.meta["nmgraph"]`` of a ``scaled_dot_product_attention`` node whose dropout
+    :func:`set_mode` switched off: the probability it restores when dropout is switched on."""
+
+    p: float
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _set_sdpa_dropout(node: fx.Node, p: float) -> None:
+    if len(node.args) > 4:
+        node.update_arg(4, p)
+    else:
+        node.update_kwarg("dropout_p", p)
+
+
+def _switch_attention_dropout(node: fx.Node, on: bool) -> bool:
+    """Switches an SDPA node's ``dropout_p`` off (recording it) or back on; returns whether it changed."""
+    p = _sdpa_dropout(node)
+    saved = node.meta.get("nmgraph")
+    if not on and p != 0.0:
+        node.meta = {**node.meta, "nmgraph": AttentionDropout(p)}
+        _set_sdpa_dropout(node, 0.0)
+        return True
+    if on and p == 0.0 and isinstance(saved, AttentionDropout) and saved.p != 0.0:
+        _set_sdpa_dropout(node, saved.p)
+        return True
+    return False
 
 
 def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
-    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+    return analyze(gm, pattern, include=include, exclude=exclude)
 
 
 def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
     """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
 
-    ``aten.dropout`` nodes are switched on when ``dropout`` is true and off when it is false;
-    ``None`` follows ``training``. The graph is recompiled only if a node changed (under
+    Dropout (``aten.dropout`` nodes and the ``dropout_p`` of ``scaled_dot_product_attention``) is
+    switched on when ``dropout`` is true and off when it is false; ``None`` follows ``training``. The graph is recompiled only if a node changed (under
     ``torch.compile`` that is one recompilation per switch). Sets ``training`` on ``gm``'s modules.
     Returns whether the graph changed.
     """
@@ -89,10 +128,43 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None 
         elif node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not dropout:
             node.update_arg(2, dropout)
             changed = True
+        elif node.target is _SDPA and _switch_attention_dropout(node, dropout):
+            changed = True
     if changed:
         gm.recompile()
     torch.nn.Module.train(gm, training)
     return changed
+
+
+@contextlib.contextmanager
+def without_dropout(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Runs the block with every dropout of ``gm`` off; puts back each one that was on.
+
+    A permutation is verified by comparing outputs before and after: with dropout on, the same
+    random mask falls on other channels after the permutation, so an exact permutation would look
+    like a changed function.
+    """
+    was_on = [n for n in gm.graph.nodes if n.op == "call_function" and (
+        (n.target is _DROPOUT and len(n.args) == 3 and n.args[2] is True)
+        or (n.target is _SDPA and _sdpa_dropout(n) != 0.0))]
+    if not was_on:
+        yield gm
+        return
+    for n in was_on:
+        if n.target is _DROPOUT:
+            n.update_arg(2, False)
+        else:
+            _switch_attention_dropout(n, False)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for n in was_on:
+            if n.target is _DROPOUT:
+                n.update_arg(2, True)
+            else:
+                _switch_attention_dropout(n, True)
+        gm.recompile()
 
 
 def _train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
@@ -215,25 +287,35 @@ def prepare(
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
     if scores is not None:
         PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
+    check_plan_finite(gm, plan, scores)
     if inplace:
+        if permute:
+            check_seed(seed, "prepare")
         return _prepare_module(model, gm, plan, config, permute=permute, search=search, seed=seed, scores=scores)
     if permute:
-        report = permute_channels(gm, plan, search=search, seed=seed)
-        update_graph_record(gm, permuted=report)
-        log.info("permutation before training: %s", report)
-    results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
-    res = results[0]
-    skipped = [*plan.skipped, *res.skipped]
-    if not res.modified:
-        raise PlanError(
-            f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
-            f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
-        )
-    for s in skipped:
-        log.info("left dense: %s (%s)", s.name, s.reason)
-    update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
-    _install_train_eval(gm)
-    set_mode(gm, True)
+        check_seed(seed, "prepare")
+    with Rollback() as undo:
+        if gm is model:  # the caller's graph is rewritten in place
+            undo.keep_module(gm)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
+                report = permute_channels(gm, plan, search=search, seed=seed)
+            update_graph_record(gm, permuted=report)
+            log.info("permutation before training: %s", report)
+        results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
+        res = results[0]
+        skipped = [*plan.skipped, *res.skipped]
+        if not res.modified:
+            raise PlanError(
+                f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
+                f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
+            )
+        for s in skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
+        _install_train_eval(gm)
+        set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
 
@@ -248,25 +330,24 @@ def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPl
         )
     rec = graph_record(gm)
     args, kwargs = (rec.example_args, dict(rec.example_kwargs)) if rec is not None else ((), {})
-    report = None
-    if permute:
-        before = _module_outputs(model, args, kwargs)
-        report = permute_channels(gm, plan, search=search, seed=seed)
-        if report.permuted:
-            err = _relative_change(before, _module_outputs(model, args, kwargs))
-            if err > (2e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in before) else 1e-4):
-                groups = {g.id: g for g in plan.groups}
-                for gid in reversed(report.permuted):
-                    apply_permutation(gm, groups[gid], torch.argsort(report.perms[gid]))
-                raise VerificationError(
-                    f"The permutation kept {type(model).__name__}'s captured graph exact but changed the module's "
-                    f"own output (relative change {err:.2e}): a tensor the graph permuted is not one the module "
-                    "reads (a constant made in forward?). The model was restored. Use permute=False."
-                )
-        log.info("permutation before training: %s", report)
-    for s in plan.skipped:
-        log.info("left dense: %s (%s)", s.name, s.reason)
-    attach_masks(model, config, [(i.name, i.shape, i.axis) for i in plan.layers], scores=scores)
+    with Rollback() as undo:  # any failure (or Ctrl-C) puts the model back as it was
+        undo.keep_module(model)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            before = _module_outputs(model, args, kwargs)
+            report = permute_channels(gm, plan, search=search, seed=seed)
+            if report.permuted:
+                err = _relative_change(before, _module_outputs(model, args, kwargs))
+                if err > (2e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in before) else 1e-4):
+                    raise VerificationError(
+                        f"The permutation kept {type(model).__name__}'s captured graph exact but changed the "
+                        f"module's own output (relative change {err:.2e}): a tensor the graph permuted is not one "
+                        "the module reads (a constant made in forward?). The model was restored. Use permute=False."
+                    )
+            log.info("permutation before training: %s", report)
+        for s in plan.skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        attach_masks(model, config, [(i.name, i.shape, i.axis) for i in plan.layers], scores=scores)
     log.info("prepared %d weights of %s in place for %s; %d left dense", len(plan.layers),
              type(model).__name__, config, len(plan.skipped))
     return model
@@ -347,7 +428,10 @@ def convert(
             )
         if not inplace:
             gm = copy.deepcopy(gm)
-        folded = detach_masks(gm, pattern=None if pattern is None else Pattern.parse(pattern))
+        with Rollback() as undo:
+            undo.keep_tensors(latent_weight(gm, p.state.weight_name) for _, _, p in masked_weights(gm))
+            undo.keep_module(gm)
+            folded = detach_masks(gm, pattern=None if pattern is None else Pattern.parse(pattern))
         log.info("convert: folded masks into %d weights of %s", len(folded), type(gm).__name__)
         return gm
     if not isinstance(gm, fx.GraphModule):
@@ -366,11 +450,15 @@ def convert(
                 "convert() folds the trained masks of a prepared graph; plan= and saliency= apply only "
                 "to a graph without mask nodes."
             )
-        set_mode(gm, False)
-        res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
-        patterns = set(res.info["patterns"].values())
-        update_graph_record(gm, converted=ConvertRecord(
-            tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
+        with Rollback() as undo:
+            undo.keep_module(gm)
+            undo.keep_tensors(fetch_attr(gm, n.args[0].target) for n in mask_nodes(gm)
+                              if isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr")
+            set_mode(gm, False)
+            res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
+            patterns = set(res.info["patterns"].values())
+            update_graph_record(gm, converted=ConvertRecord(
+                tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
         log.info("convert: folded masks into %d weights", len(res.info["folded"]))
         return gm
     p = p or Pattern(2, 4)
@@ -378,12 +466,17 @@ def convert(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
-    res = run_passes(gm, (prune_weights,), PruneWeightsConfig(plan, saliency))[0]
-    pruned = res.info["pruned"]
+    config = PruneWeightsConfig(plan, saliency)
+    with Rollback() as undo:
+        if gm is gm_or_prepared:
+            undo.keep_module(gm)
+        undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+        res = run_passes(gm, (prune_weights,), config)[0]
+        pruned = res.info["pruned"]
+        update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
+                                                        {i.name: i.axis for i in plan.layers}))
     for s in plan.skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
-                                                    {i.name: i.axis for i in plan.layers}))
     log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
              "magnitude" if saliency is None else "saliency")
     return gm

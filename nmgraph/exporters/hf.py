@@ -343,7 +343,7 @@ def model_card(
         f"- stored: {'nmgraph compressed (kept values + in-group indices)' if saved.format == 'compressed' else 'dense (zeros kept), loadable by any from_pretrained'}; "
         f"weights {saved.nbytes:,} bytes in {str(dtype).removeprefix('torch.')} "
         f"({saved.ratio:.3f} of the dense {saved.dense_nbytes:,})",
-        f"- channel permutation before pruning: "
+        "- channel permutation before pruning: "
         + (f"{len(permutations)} groups (indices in `{PERMUTATIONS_FILE}`)" if permutations else "none"),
     ]
     change = dict(output_change or {})

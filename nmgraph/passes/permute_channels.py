@@ -31,6 +31,7 @@ from nmgraph.errors import PlanError, VerificationError
 from nmgraph.graph import graph_record
 from nmgraph.pattern import kept_magnitude
 from nmgraph.search import SEARCHES, search_permutation
+from nmgraph.validate import check_permute_arguments
 
 __all__ = ["PermuteReport", "apply_permutation", "permute"]
 
@@ -233,6 +234,7 @@ def permute(
     :func:`nmgraph.capture`, or ``example_inputs``) must be unchanged within fp32 rounding; if not,
     every change is undone and :class:`VerificationError` names the group.
     """
+    check_permute_arguments(gm, plan, seed=seed, time_limit=time_limit, perms=perms)
     if search not in SEARCHES:
         raise PlanError(f"search={search!r} is not one of {SEARCHES}.")
     start = time.perf_counter()
