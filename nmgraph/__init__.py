@@ -26,8 +26,9 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
+from nmgraph.exporters.hf import HFSaved, from_pretrained, load, save_pretrained
 from nmgraph.exporters.onnx_export import ExportReport, export
-from nmgraph.exporters.serialize import load, save
+from nmgraph.exporters.serialize import save
 from nmgraph.graph import GraphRecord, graph_record
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
@@ -44,6 +45,7 @@ __all__ = [
     "CompressedNM",
     "ExportReport",
     "GraphRecord",
+    "HFSaved",
     "LayerInfo",
     "Member",
     "NMGraphError",
@@ -68,6 +70,7 @@ __all__ = [
     "compress",
     "convert",
     "export",
+    "from_pretrained",
     "graph_record",
     "is_nm",
     "kept_score",
@@ -76,5 +79,6 @@ __all__ = [
     "permute",
     "prepare",
     "save",
+    "save_pretrained",
     "search_permutation",
 ]

@@ -4,6 +4,9 @@ Models come from (the positional ``MODEL`` argument, or ``--hf-config``):
 
 * a Python factory ``pkg.module:function`` or ``path/to/file.py:function`` returning a model or
   ``(model, example_inputs)`` (the current directory is importable);
+* a Hugging Face model directory (``config.json`` with ``model.safetensors`` or sharded
+  safetensors and their index; weights keep their stored dtype), as ``save_pretrained`` writes it;
+  ``nmgraph sparsify HF_DIR --out OUT`` writes one that ``from_pretrained`` loads;
 * a directory written by ``nmgraph sparsify`` / :func:`nmgraph.exporters.serialize.save`;
 * ``--hf-config NAME`` (a small preset: bert, gpt2, llama, vit, resnet) or ``--hf-config
   config.json``: a transformers model with random weights, built offline.
@@ -18,6 +21,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -33,7 +37,7 @@ from typing import Any
 from nmgraph import report
 from nmgraph.analysis import analyze
 from nmgraph.capture import capture, set_eval, split_inputs
-from nmgraph.exporters import serialize
+from nmgraph.exporters import hf, serialize
 from nmgraph.exporters.onnx_export import FORMATS, export
 from nmgraph.passes.permute_channels import permute
 from nmgraph.report import layer_stats, print_report
@@ -96,6 +100,8 @@ def load_model(spec: str | None, hf_config: str | None = None, *, batch: int = 2
     if hf_config is not None:
         return _hf_model(hf_config, batch=batch, seq=seq)
     path = Path(spec)
+    if hf.is_hf_directory(path):
+        return _pretrained_model(path, batch=batch, seq=seq)
     if path.is_dir():
         return _saved_model(path, batch=batch, seq=seq)
     if ":" not in spec:
@@ -177,7 +183,6 @@ def _hf_model(name: str, *, batch: int, seq: int) -> LoadedModel:
 
 
 def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedModel:
-    import torch
     import transformers
 
     if hasattr(config, "use_cache"):
@@ -185,16 +190,34 @@ def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedMod
     cls = getattr(transformers, model_cls)
     model = cls.from_config(config) if model_cls.startswith("Auto") else cls(config)
     model.eval()
+    source = {"kind": "hf-config", "class": model_cls, "config": config.to_dict()}
+    return LoadedModel(model, _hf_inputs(config, batch=batch, seq=seq), {}, source)
+
+
+def _hf_inputs(config: Any, *, batch: int, seq: int) -> tuple:
+    """Example inputs for a transformers model: random token ids, or images for a vision config."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):  # a vision model
         size = getattr(config, "image_size", 32) or 32
         size = size[0] if isinstance(size, (list, tuple)) else size
-        args = (torch.randn(batch, config.num_channels, size, size, generator=g),)
-    else:
-        vocab = getattr(config, "vocab_size", 100)
-        args = (torch.randint(0, vocab, (batch, seq), generator=g),)
-    source = {"kind": "hf-config", "class": model_cls, "config": config.to_dict()}
-    return LoadedModel(model, args, {}, source)
+        return (torch.randn(batch, config.num_channels, size, size, generator=g),)
+    vocab = getattr(config, "vocab_size", 100)
+    return (torch.randint(0, vocab, (batch, seq), generator=g),)
+
+
+def _pretrained_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
+    """An HF model directory, weights in their stored dtype (sharded checkpoints included)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"{str(path)!r} is a Hugging Face directory: pip install 'nmgraph[hf]' to read it") from e
+    model = hf.from_pretrained(path)
+    model.eval()
+    source = {"kind": "hf-dir", "path": os.fspath(path), "class": type(model).__name__}
+    return LoadedModel(model, _hf_inputs(model.config, batch=batch, seq=seq), {}, source)
 
 
 def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
@@ -324,7 +347,11 @@ def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> li
 def cmd_sparsify(a: argparse.Namespace) -> int:
     import torch
 
-
+    if a.model is not None and hf.is_hf_directory(a.model):
+        return _sparsify_pretrained(a)
+    if a.compressed or a.method != "magnitude" or a.calibration:
+        raise CLIError("--compressed, --method and --calibration apply to a Hugging Face model directory "
+                       "(MODEL with a config.json)")
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     search = "none" if a.checkpoint and a.search is None else (a.search or "greedy")
     steps = _Steps(["load checkpoint", "capture", "analyze", "permute", "convert", "save"], "sparsify",
@@ -363,6 +390,65 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     _print(summary)
     _print(saved)
     return 0
+
+
+def _sparsify_pretrained(a: argparse.Namespace) -> int:
+    """``nmgraph sparsify HF_DIR --out OUT``: nmgraph.sparsify on the model as stored, then an HF
+    directory that from_pretrained loads (dense-stored N:M weights, or --compressed)."""
+    import nmgraph
+
+    src = Path(a.model)
+    if a.checkpoint:
+        raise CLIError("--checkpoint does not apply to a Hugging Face directory: its weights are the checkpoint")
+    out = Path(a.out)
+    if out.resolve() == src.resolve():
+        raise CLIError(f"--out {a.out!r} is the input directory; write the sparse model to another one")
+    sparsify = getattr(nmgraph, "sparsify", None)
+    if sparsify is None:
+        raise CLIError("this nmgraph has no nmgraph.sparsify (one-shot pruning); install a newer nmgraph")
+    steps = _Steps(["load", "sparsify", "save"], "sparsify", a.quiet)
+    with steps.step("load"):
+        loaded = _pretrained_model(src, batch=a.batch, seq=a.seq)
+        calibration = _calibration(src, a) if a.calibration else None
+    search = a.search or "greedy"
+    options = {"search": search, "seed": a.seed}
+    accepted = inspect.signature(sparsify).parameters
+    with steps.step("sparsify"):
+        result = sparsify(loaded.model, a.pattern, method=a.method, example_inputs=loaded.args,
+                          calibration=calibration, permute=search != "none", time_limit=a.time_limit,
+                          progress=not a.quiet, **{k: v for k, v in options.items() if k in accepted})
+    with steps.step("save"):
+        saved = hf.save_pretrained(loaded.model, out, pattern=a.pattern, compressed=a.compressed, report=result)
+        hf.copy_side_files(src, out)
+    steps.close()
+    if a.json:
+        _emit_json({"sparsify": result.to_dict() if hasattr(result, "to_dict") else report.to_dict(result),
+                    "saved": report.to_dict(saved)})
+        return 0
+    print(result)
+    print(f"wrote {out} ({saved.format}): {len(saved.weights)} N:M weights, {len(saved.dense)} dense; weights "
+          f"{saved.nbytes:,} bytes ({saved.ratio:.3f} of dense); load it with "
+          + ("nmgraph.from_pretrained(path)" if saved.format == "compressed" else
+             f"transformers.{type(loaded.model).__name__}.from_pretrained(path)"))
+    return 0
+
+
+def _calibration(src: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Calibration inputs from a text file, one sample per non-empty line, tokenized with the model
+    directory's own tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.fspath(src), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--calibration needs the tokenizer of {str(src)!r}, which cannot be loaded: {e}") from e
+    file = Path(a.calibration)
+    if not file.is_file():
+        raise CLIError(f"calibration file {a.calibration!r} does not exist")
+    lines = [x for x in file.read_text().splitlines() if x.strip()]
+    if not lines:
+        raise CLIError(f"calibration file {a.calibration!r} has no text")
+    return [dict(tok(x, return_tensors="pt", truncation=True, max_length=a.seq)) for x in lines]
 
 
 def _load_checkpoint(model: Any, path: str) -> None:
@@ -452,8 +538,9 @@ def _benchmarks_dir() -> Path:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="factory 'pkg.module:function' / 'file.py:function' returning (model, "
-                        "example_inputs), or a directory saved by 'nmgraph sparsify'")
+                   help="a Hugging Face model directory (config.json + safetensors), a factory "
+                        "'pkg.module:function' / 'file.py:function' returning (model, example_inputs), or a "
+                        "directory saved by 'nmgraph sparsify'")
     p.add_argument("--hf-config", metavar="NAME|config.json",
                    help=f"transformers model with random weights: a preset ({', '.join(HF_PRESETS)}) or "
                         "a config.json path (offline)")
@@ -485,9 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("sparsify", help="permute + prune (or load a trained checkpoint), convert, save",
-                       description="Make a model N:M: permute channels, prune by magnitude (or load "
-                                   "trained weights from --checkpoint), convert, and save the compressed "
-                                   "model to a directory.")
+                       description="Make a model N:M: permute channels, prune (or load trained weights "
+                                   "from --checkpoint), convert, and save it. A Hugging Face directory "
+                                   "(config.json + safetensors, sharded or not) goes through "
+                                   "nmgraph.sparsify and comes out as a Hugging Face directory that "
+                                   "from_pretrained loads (dtype kept); other models as an nmgraph directory.")
     _add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
@@ -498,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained weights: a state dict (.pt/.pth/.bin/.safetensors) or an nmgraph directory")
     p.add_argument("--no-program", action="store_true",
                    help="do not save a torch.export program (loading then needs the model source)")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="magnitude",
+                   help="one-shot pruning method for a Hugging Face directory (default magnitude; wanda and "
+                        "sparsegpt need --calibration)")
+    p.add_argument("--calibration", metavar="TEXT_FILE",
+                   help="calibration text, one sample per line, tokenized with the directory's tokenizer")
+    p.add_argument("--compressed", action="store_true",
+                   help="write nmgraph's compressed form (values + in-group indices) instead of dense-stored "
+                        "N:M weights; load it with nmgraph.from_pretrained")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_sparsify)
 

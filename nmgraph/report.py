@@ -257,6 +257,11 @@ def _spec(obj: Any) -> _Spec:
         spec.footer.insert(0, "onnxruntime vs torch: " + (
             "not verified" if diff is None else
             f"max |diff| {diff:.3g} (rtol {obj.tolerance[0]:g}, atol {obj.tolerance[1]:g})"))
+        if obj.input_names or obj.output_names:
+            dims = lambda n: "[" + ", ".join(obj.dynamic_axes.get(n, {}).values()) + "]" if n in obj.dynamic_axes else ""  # noqa: E731
+            spec.footer.append("inputs " + ", ".join(f"{n}{dims(n)}" for n in obj.input_names) + "; outputs "
+                               + ", ".join(f"{n}{dims(n)}" for n in obj.output_names))
+        spec.footer += [f"note: {n}" for n in obj.notes]
         if obj.exporter_fallback:
             spec.footer.append(f"dynamo exporter failed, used TorchScript: {obj.exporter_fallback}")
         if obj.engine_path:

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from nmgraph._version import __version__
-from nmgraph.analysis.plan import SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, Skip, SparsityPlan
 from nmgraph.errors import PlanError, SerializationError
 from nmgraph.exporters import serialize
 from nmgraph.exporters.onnx_check import diagnose_nm
@@ -251,8 +251,12 @@ def save_pretrained(
     p = Pattern.parse(pattern)
     summary = dict(report.summary()) if report is not None and hasattr(report, "summary") else {}
     method = method or summary.get("method")
+    if plan is None and report is not None and getattr(report, "layers", None):
+        plan = _plan_of_report(report, p)
     section = sparsity_section(model, p, plan=plan, fmt="compressed" if compressed else "dense",
                                permutations=permutations, method=method)
+    if not permutations and summary.get("groups_permuted"):
+        section["permutation"] = {"applied": True, "groups": int(summary["groups_permuted"]), "file": None}
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise SerializationError(f"{str(out)!r} exists and is not a directory; pass a directory path.")
@@ -288,10 +292,18 @@ def save_pretrained(
         (out / PERMUTATIONS_FILE).unlink()
     result = HFSaved(out, section["format"], p, dict(weights), dict(section["dense"]), nbytes, dense_nbytes)
     _write_card(out, model_card(model, result, method=method, summary=summary, output_change=output_change,
-                                permutations=permutations))
+                                permutation=section["permutation"]))
     log.info("saved %s (%s): %d N:M weights, %d bytes (%.3f of dense)", out, result.format, len(weights), nbytes,
              result.ratio)
     return result
+
+
+def _plan_of_report(report: Any, pattern: Pattern) -> SparsityPlan:
+    """The weights a :class:`nmgraph.SparsifyReport` pruned (``layers``) and left dense (``skipped``), as a plan."""
+    layers = tuple(LayerInfo(x.name, tuple(x.shape), x.axis, getattr(x, "op", "") or "", "", getattr(x, "module", "") or "")
+                   for x in report.layers)
+    skipped = tuple(s if isinstance(s, Skip) else Skip(*s) for s in getattr(report, "skipped", ()))
+    return SparsityPlan(pattern, layers, skipped, (), ())
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
@@ -323,9 +335,10 @@ def model_card(
     method: str | None = None,
     summary: Mapping[str, Any] | None = None,
     output_change: Mapping[str, Any] | None = None,
-    permutations: Mapping[int, Any] | None = None,
+    permutation: Mapping[str, Any] | None = None,
 ) -> str:
-    """The model-card section (Markdown) for a directory :func:`save_pretrained` wrote."""
+    """The model-card section (Markdown) for a directory :func:`save_pretrained` wrote; ``permutation``
+    is the config section's ``{"applied", "groups", "file"}``."""
     summary = dict(summary or {})
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in params.values())
@@ -343,8 +356,7 @@ def model_card(
         f"- stored: {'nmgraph compressed (kept values + in-group indices)' if saved.format == 'compressed' else 'dense (zeros kept), loadable by any from_pretrained'}; "
         f"weights {saved.nbytes:,} bytes in {str(dtype).removeprefix('torch.')} "
         f"({saved.ratio:.3f} of the dense {saved.dense_nbytes:,})",
-        "- channel permutation before pruning: "
-        + (f"{len(permutations)} groups (indices in `{PERMUTATIONS_FILE}`)" if permutations else "none"),
+        "- channel permutation before pruning: " + _permutation_text(permutation),
     ]
     change = dict(output_change or {})
     if summary.get("output_rel_error") is not None:
@@ -372,6 +384,13 @@ def model_card(
         lines += [f"- `{f}`{f' (x{c})' if c > 1 else ''}: {r}" for (f, r), c in dense_fam.items()]
     lines += ["", _CARD_END, ""]
     return "\n".join(lines)
+
+
+def _permutation_text(permutation: Mapping[str, Any] | None) -> str:
+    if not permutation or not permutation.get("applied"):
+        return "none"
+    where = f" (indices in `{permutation['file']}`)" if permutation.get("file") else ""
+    return f"{permutation.get('groups', 0)} channel groups reordered{where}; the model computes the same function"
 
 
 def _write_card(out: Path, section: str) -> None:

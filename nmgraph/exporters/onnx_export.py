@@ -99,6 +99,10 @@ class ExportReport:
     exporter_fallback: str | None = None
     engine_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def eligible(self) -> tuple[str, ...]:
@@ -124,6 +128,10 @@ class ExportReport:
             "opset": self.opset,
             "fp16": self.fp16,
             "dynamic_batch": self.dynamic_batch,
+            "dynamic_axes": {k: dict(v) for k, v in self.dynamic_axes.items()},
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "notes": list(self.notes),
             "onnx_path": self.onnx_path,
             "engine_path": self.engine_path,
             "converted": self.converted,
@@ -212,7 +220,7 @@ def export(
     plan: SparsityPlan | None = None,
     opset: int | None = None,
     fp16: bool = False,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool | None = None,
     exporter: str = "auto",
     convert: bool | str = "auto",
     verify: bool = True,
@@ -231,6 +239,13 @@ def export(
     ``convert``: ``"auto"`` runs :func:`nmgraph.convert` only when no candidate weight is N:M yet;
     ``True`` always, ``False`` never. ``strict=True`` raises :class:`StrictModeError` when a weight
     the plan or the model holds as N:M is not eligible in the ONNX graph.
+
+    A transformers model called with token ids (a language model or a text classifier) is exported
+    as it is served: inputs ``input_ids`` and ``attention_mask`` (all ones when not given), dynamic
+    batch and sequence axes (``dynamic_batch=None`` means yes for such a model, no for others), no
+    KV cache, and the first output under its own name (``logits``). A bf16 model is exported in
+    bf16; onnxruntime has no bf16 CPU kernels, so the numerical check runs on a float32 export of
+    the same model and ``report.notes`` says so.
     Raises :class:`VerificationError` when onnxruntime's outputs differ from PyTorch's beyond
     ``rtol``/``atol`` (defaults by dtype in :data:`TOLERANCES`).
     """
@@ -262,7 +277,22 @@ def export(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
-    if dynamic_batch and exporter in ("auto", "dynamo"):
+    notes: list[str] = []
+    served = _language_model_inputs(model_or_gm, args, kwargs)
+    dynamic_shapes = None
+    if served is not None:
+        args, kwargs, names, out_name = served
+        dynamic_batch = True if dynamic_batch is None else dynamic_batch
+        input_names = input_names or names
+        output_names = output_names or (out_name,)
+        if dynamic_batch:
+            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+            dynamic_shapes = _named_shapes(model_or_gm, {n: ({0: batch, 1: seq} if n in names else None)
+                                                         for n in kwargs})
+        notes.append(f"exported as served: inputs {', '.join(names)}, output {out_name!r}, no KV cache"
+                     + (", dynamic batch and sequence" if dynamic_batch else ""))
+    dynamic_batch = bool(dynamic_batch)
+    if dynamic_batch and dynamic_shapes is None and exporter in ("auto", "dynamo"):
         batch_dynamic_shapes(model_or_gm, args, kwargs)  # refuses inputs it cannot match, before any change
     # convert prunes the model's own weights and the export sets eval mode: on any failure, undo both
     with Rollback() as undo:
@@ -313,8 +343,10 @@ def export(
         t0 = time.perf_counter()
         used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
                                   dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
-                                  output_names=output_names)
+                                  output_names=output_names, dynamic_shapes=dynamic_shapes)
         seconds["export"] = time.perf_counter() - t0
+        if served is not None and dynamic_batch:
+            _name_dims(onnx_path, "input_ids", ("batch", "seq"))
         onnx_opset = _check_model(onnx_path)
 
         diffs: tuple[float, ...] = ()
@@ -322,9 +354,28 @@ def export(
         if verify:
             t0 = time.perf_counter()
             dtype = torch.float16 if fp16 else _model_dtype(module)
+            check_module, check_args, check_kwargs, check_path = export_module, export_args, export_kwargs, onnx_path
+            scratch = None
+            if dtype == torch.bfloat16:  # onnxruntime has no bf16 CPU kernels: check a float32 export
+                import tempfile
+
+                scratch = tempfile.TemporaryDirectory(prefix="nmgraph-onnx-check-")
+                check_path = Path(scratch.name) / "float32.onnx"
+                check_module = copy.deepcopy(export_module).to(torch.float32)
+                check_args, check_kwargs = _cast_floats((export_args, export_kwargs), torch.float32)
+                _to_onnx(check_module, check_args, check_kwargs, check_path, opset=opset, dynamic_batch=dynamic_batch,
+                         exporter=used, input_names=input_names, output_names=output_names,
+                         dynamic_shapes=dynamic_shapes)
+                dtype = torch.float32
+                notes.append("onnxruntime has no bfloat16 CPU kernels: the numerical check ran on a float32 "
+                             "export of the same model; the file keeps the bfloat16 weights")
             default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
             tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
-            diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
+            try:
+                diffs = _verify(check_module, check_args, check_kwargs, check_path, tol, dynamic_batch)
+            finally:
+                if scratch is not None:
+                    scratch.cleanup()
             seconds["verify"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -336,6 +387,9 @@ def export(
             dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
             model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
             tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
+            input_names=tuple(i.name for i in _onnx_io(onnx_path)[0]),
+            output_names=tuple(o.name for o in _onnx_io(onnx_path)[1]),
+            dynamic_axes=_onnx_dynamic_axes(onnx_path), notes=tuple(notes),
         )
         if strict and report.lost:
             raise StrictModeError(
@@ -416,13 +470,14 @@ def _flat_tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter, input_names,
-             output_names) -> tuple[str, str | None]:
+             output_names, dynamic_shapes=None) -> tuple[str, str | None]:
     """Runs the exporter(s); returns the one used and why the dynamo exporter was not (if so)."""
     failures: list[str] = []
     if exporter in ("auto", "dynamo"):
         try:
-            dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if dynamic_batch else None
-            with torch.no_grad():
+            if dynamic_shapes is None and dynamic_batch:
+                dynamic_shapes = batch_dynamic_shapes(module, args, kwargs)
+            with torch.no_grad(), _quiet_exporter():
                 program = torch.onnx.export(
                     module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
                     dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
@@ -444,6 +499,8 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     n_inputs = len(_flat_tensors((args, kwargs)))
     names = list(input_names) if input_names else [f"input_{i}" for i in range(n_inputs)]
     dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    if dynamic_axes is not None and isinstance(dynamic_shapes, Mapping):  # served LM: sequence axis too
+        dynamic_axes = {n: {0: "batch", 1: "seq"} for n in names}
     try:
         import warnings
 
@@ -472,6 +529,107 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
             + f"\nTry: {hint}."
         ) from e
     return "torchscript", (failures[0] if failures else None)
+
+
+def _language_model_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """``(args, kwargs, input names, output name)`` to export a transformers model called with token
+    ids as it is served (ids and attention mask, no cache, a plain tuple out); ``None`` for others."""
+    if isinstance(module, torch.fx.GraphModule) or not hasattr(module, "config") or not hasattr(module, "forward"):
+        return None
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "input_ids" not in params or "attention_mask" not in params:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    extra = [k for k in kwargs if k not in ("input_ids", "attention_mask", "use_cache", "return_dict")]
+    if len(args) > 1 or extra:
+        return None  # other inputs: exported as given
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        out = module(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True) if (
+            "use_cache" in params) else module(input_ids=ids, attention_mask=mask, return_dict=True)
+    first = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None) if hasattr(out, "items") else None
+    if first is None:
+        return None
+    served = {"input_ids": ids, "attention_mask": mask}
+    if "use_cache" in params:
+        served["use_cache"] = False
+    return (), served, ("input_ids", "attention_mask"), first
+
+
+def _named_shapes(module: torch.nn.Module, specs: Mapping[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` keyed as torch.export wants them: by the forward's parameter names, with
+    the inputs that land in a ``**kwargs`` parameter under that parameter's name."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind(**specs)
+    return dict(bound.arguments)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's progress lines and third-party deprecation warnings off for the export (the
+    export's own errors still raise); logging levels restored after."""
+    import io
+    import warnings
+
+    names = ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def _name_dims(path: Path, reference: str, names: Sequence[str]) -> None:
+    """Gives the symbolic dimensions of input ``reference`` the ``names`` (``batch``, ``seq``) wherever
+    they appear in the graph's inputs, outputs and value infos (the exporter numbers them ``s0``...)."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    ref = next((v for v in model.graph.input if v.name == reference), None)
+    if ref is None:
+        return
+    rename = {d.dim_param: n for d, n in zip(ref.type.tensor_type.shape.dim, names) if d.dim_param}
+    if not rename:
+        return
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+    onnx.save(model, os.fspath(path))
+
+
+def _onnx_io(path: Path) -> tuple[list, list]:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return list(model.graph.input), list(model.graph.output)
+
+
+def _onnx_dynamic_axes(path: Path) -> dict[str, dict[int, str]]:
+    """``{input or output name: {axis: symbolic size}}`` of the ONNX graph."""
+    inputs, outputs = _onnx_io(path)
+    out: dict[str, dict[int, str]] = {}
+    for v in [*inputs, *outputs]:
+        dims = {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+        if dims:
+            out[v.name] = dims
+    return out
 
 
 @contextlib.contextmanager
