@@ -395,15 +395,15 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
 def _sparsify_pretrained(a: argparse.Namespace) -> int:
     """``nmgraph sparsify HF_DIR --out OUT``: nmgraph.sparsify on the model as stored, then an HF
     directory that from_pretrained loads (dense-stored N:M weights, or --compressed)."""
-    import nmgraph
-
     src = Path(a.model)
     if a.checkpoint:
         raise CLIError("--checkpoint does not apply to a Hugging Face directory: its weights are the checkpoint")
     out = Path(a.out)
     if out.resolve() == src.resolve():
         raise CLIError(f"--out {a.out!r} is the input directory; write the sparse model to another one")
-    sparsify = getattr(nmgraph, "sparsify", None)
+    # nmgraph.sparsify lives in nmgraph.oneshot (issue 15); read it off the loaded package so this
+    # command works (with a clear message) in a tree that does not have it yet
+    sparsify = getattr(sys.modules.get("nmgraph"), "sparsify", None)
     if sparsify is None:
         raise CLIError("this nmgraph has no nmgraph.sparsify (one-shot pruning); install a newer nmgraph")
     steps = _Steps(["load", "sparsify", "save"], "sparsify", a.quiet)
