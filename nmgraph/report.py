@@ -234,12 +234,16 @@ def _spec(obj: Any) -> _Spec:
         rows = [[i.name, _shape(i.shape), str(i.axis), "-" if i.group is None else str(i.group),
                  "eligible"] for i in obj.layers]
         rows += [[s.name, "", "", "", f"dense: {s.reason}"] for s in obj.skipped]
-        footer = [f"{len(obj.groups)} permutation groups; {obj.permutable_fraction:.0%} of eligible "
-                  "weights permutable"]
-        footer += [f"group {g.id}: {g.kind}, {g.size} channels, block {g.block}, consumers "
-                   f"{', '.join(g.consumers) or '-'}" for g in obj.groups]
-        footer += [f"not permutable: {b.name}: {b.reason}" for b in obj.barriers]
-        return _Spec(f"SparsityPlan {obj.pattern}: {len(obj.layers)} eligible, {len(obj.skipped)} dense",
+        grouped = sum(i.group is not None for i in obj.layers)
+        params = sum(math.prod(i.shape) for i in obj.layers)
+        footer = [f"{grouped} of {len(obj.layers)} eligible weights can have their reduction channels reordered "
+                  f"(in {sum(bool(g.consumers) for g in obj.groups)} of {len(obj.groups)} permutation groups); "
+                  f"{len(obj.barriers)} sets of channels must stay in place (below)"]
+        footer += [f"group {g.id}: {g.kind}, {g.size} channels, block {g.block}, read by "
+                   f"{', '.join(g.consumers) or 'no eligible weight'}" for g in obj.groups]
+        footer += [f"stays in place: {b.name}: {b.reason}" for b in obj.barriers]
+        return _Spec(f"SparsityPlan {obj.pattern}: {len(obj.layers)} weights can be {obj.pattern} "
+                     f"({params:,} parameters), {len(obj.skipped)} stay dense",
                      ["weight", "shape", "axis", "group", "status"], rows, footer)
     if isinstance(obj, ConvertSummary):
         rows = [[s.name, _shape(s.shape), _pct(s.sparsity), "yes" if not s.reason else f"NO: {s.reason}"]
@@ -355,46 +359,53 @@ def plot_layers(
     pattern: PatternLike | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draws per-layer kept magnitude (identity vs permuted) and sparsity to a PNG at ``path``.
+    """Draws every weight of the model, in model order, to a PNG at ``path`` (1200 x 600 px for any
+    number of layers: 20 or 250).
 
-    Top: the fraction of ``sum |w|`` N:M pruning keeps per eligible weight, in the original channel
-    order and after permutation. Bottom: each weight's sparsity (eligible and dense ones), with the
-    pattern's target ``1 - n/m`` as a line.
+    Top: the share of ``sum |w|`` that N:M pruning keeps per eligible weight, in the original channel
+    order and after permutation. Bottom: the gain of the permutation in points per weight. Weights
+    left dense are grey bands in both panels (and named in the legend's count). Tick labels are
+    thinned to at most 40.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not stats:
         raise PlanError("plot_layers() got no layers: the plan has no eligible or skipped weights.")
-    eligible = [s for s in stats if s.eligible]
-    names = [_short(s.name) for s in stats]
-    width = max(6.0, 0.35 * len(stats) + 2)
-    fig = Figure(figsize=(width, 7.5), constrained_layout=True)
+    n = len(stats)
+    fig = Figure(figsize=(12, 6), dpi=100, constrained_layout=True)
     FigureCanvasAgg(fig)  # render with Agg, without pyplot or a display
-    top, bottom = fig.subplots(2, 1)
-    x = list(range(len(eligible)))
-    ident = [100 * (s.kept_identity or 0.0) for s in eligible]
-    perm = [100 * s.kept_permuted if s.kept_permuted is not None else float("nan") for s in eligible]
-    top.bar([i - 0.2 for i in x], ident, width=0.4, label="identity order")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    x = list(range(n))
+    nan = float("nan")
+    ident = [100 * s.kept_identity if s.eligible and s.kept_identity is not None else nan for s in stats]
+    perm = [100 * s.kept_permuted if s.eligible and s.kept_permuted is not None else nan for s in stats]
+    gain = [p - i if not (math.isnan(p) or math.isnan(i)) else nan for i, p in zip(ident, perm)]
+    marker = "o" if n <= 60 else None
+    dense = [i for i, s in enumerate(stats) if not s.eligible]
+    for ax in (top, bottom):
+        for i in dense:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.85", linewidth=0)
+    top.plot(x, ident, marker=marker, markersize=3, linewidth=1, label="original channel order")
     if any(not math.isnan(v) for v in perm):
-        top.bar([i + 0.2 for i in x], perm, width=0.4, label="permuted")
-    top.set_xticks(x, [_short(s.name) for s in eligible], rotation=90, fontsize=7)
+        top.plot(x, perm, marker=marker, markersize=3, linewidth=1, label="permuted")
+    values = [v for v in ident + perm if not math.isnan(v)]
+    lo = min(values) if values else 50.0
+    top.set_ylim(max(0.0, lo - 2), 100)
     top.set_ylabel("kept |w| (%)")
-    lo = min([v for v in ident + perm if not math.isnan(v)] or [0.0])
-    top.set_ylim(max(0.0, lo - 5), 100)
-    top.legend(loc="upper right", fontsize=8, ncol=2)
-    top.set_title(title or "N:M kept magnitude per layer")
-    colors = ["tab:blue" if s.eligible else "tab:gray" for s in stats]
-    bottom.bar(range(len(stats)), [100 * (0.0 if math.isnan(s.sparsity) else s.sparsity) for s in stats],
-               color=colors)
-    if pattern is not None:
-        p = Pattern.parse(pattern)
-        bottom.axhline(100 * (1 - p.density), color="tab:red", linestyle="--", linewidth=1,
-                       label=f"{p} target")
-        bottom.legend(loc="upper right", fontsize=8)
-    bottom.set_xticks(range(len(stats)), names, rotation=90, fontsize=7)
-    bottom.set_ylabel("sparsity (%) (gray: dense)")
-    bottom.set_ylim(0, 100)
+    if dense:
+        top.plot([], [], color="0.85", linewidth=8, label=f"dense ({len(dense)} weights, not N:M)")
+    top.legend(loc="lower right", fontsize=8, ncol=3)
+    p = f" {Pattern.parse(pattern)}" if pattern is not None else ""
+    top.set_title(title or f"N:M{p}: kept magnitude per weight ({n} weights)")
+    colors = ["tab:green" if not math.isnan(g) and g >= 0 else "tab:red" for g in gain]
+    bottom.bar(x, [0.0 if math.isnan(g) else g for g in gain], width=0.8, color=colors)
+    bottom.axhline(0, color="0.4", linewidth=0.8)
+    bottom.set_ylabel("permutation gain (points)")
+    step = max(1, math.ceil(n / 40))
+    ticks = list(range(0, n, step))
+    bottom.set_xticks(ticks, [_short(stats[i].name) for i in ticks], rotation=90, fontsize=6)
+    bottom.set_xlim(-0.5, n - 0.5)
     out = Path(path)
     fig.savefig(os.fspath(out), dpi=100, format="png")
     return out

@@ -392,8 +392,8 @@ def test_a_buffer_or_constant_used_as_a_gemm_weight_is_reported():
     plan = nmgraph.analyze(gm, "2:4")
     assert [i.name for i in plan.layers] == ["fc.weight"]
     reasons = dict(plan.skipped)
-    assert reasons["proj"].startswith("a buffer used as the weight of linear (linear): nmgraph prunes parameters "
-                                      "only; register it with nn.Parameter(..., requires_grad=False)")
+    assert reasons["proj"].startswith("a buffer used as the weight of linear at the model's top level: nmgraph "
+                                      "prunes parameters only; register it with nn.Parameter(..., requires_grad=False)")
     const = [name for name in reasons if name not in ("proj", "head.weight")]
     assert len(const) == 1 and reasons[const[0]].startswith("a constant tensor (neither parameter nor buffer)")
 

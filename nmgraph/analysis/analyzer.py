@@ -17,6 +17,7 @@ is a :class:`~nmgraph.analysis.plan.PermutationGroup` when no barrier touches it
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from nmgraph.analysis.eligibility import find_layers
 from nmgraph.analysis.flow import Flow
 from nmgraph.analysis.groups import collect_groups
 from nmgraph.analysis.nodes import attr_value, mutates, op_name, shape_of
-from nmgraph.analysis.plan import LayerInfo, SparsityPlan
+from nmgraph.analysis.plan import LayerInfo, Skip, SparsityPlan
 from nmgraph.analysis.rules import Rule, output_barrier, rule_of, rule_table
 from nmgraph.errors import UnsupportedError
 from nmgraph.graph import graph_record
@@ -144,9 +145,49 @@ def analyze(
     groups, barriers, layer_group = collect_groups(flow, tensors, found.canonical, found.nodes, found.layers)
     layers = [LayerInfo(i.name, i.shape, i.axis, i.op, i.node, i.module, layer_group.get(i.name))
               for i in found.layers]
-    plan = SparsityPlan(p, tuple(layers), found.skipped, tuple(groups), tuple(barriers))
+    readable = _Readable(graph)
+    skipped = tuple(Skip(s.name, readable(s.reason)) for s in found.skipped)
+    barriers = tuple(dict.fromkeys(Skip(readable(b.name), readable(b.reason)) for b in barriers))
+    plan = SparsityPlan(p, tuple(layers), skipped, tuple(groups), barriers)
     log.info("analyze: %d eligible, %d dense, %d groups", len(layers), len(found.skipped), len(groups))
     return plan
+
+
+class _Readable:
+    """Rewrites the FX node names in a reason (``slice_2: slices channel axis 2``, ``through
+    linear_7``) as what the op is and where in the model it runs (``slice in
+    model.layers.0.self_attn: ...``), so user text never shows graph-internal names."""
+
+    _CONTEXT = re.compile(r"(?P<pre>^(?=[A-Za-z0-9_]+(?::| is ))|\(|through |at |of |and |, )"
+                          r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?=$|[):,\[ ])")
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.nodes = {n.name: n for n in graph.nodes}
+
+    def describe(self, node: fx.Node) -> str:
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.op == "placeholder":
+            return f"input {node.target}"
+        if node.op == "output":
+            return "the model output"
+        what = op_name(node).removeprefix("aten.").split(".")[0]
+        stack = node.meta.get("nn_module_stack") or {}
+        where = ""
+        if stack:
+            path = list(stack.values())[-1]
+            path = path[0] if isinstance(path, tuple) else str(path)
+            where = str(path).replace("L['self'].", "").replace("L__self__.", "")
+        return f"{what} in {where}" if where and where not in ("", "L['self']") else f"{what} at the model's top level"
+
+    def __call__(self, text: str) -> str:
+        def sub(m: re.Match) -> str:
+            node = self.nodes.get(m.group("name"))
+            if node is not None and node.op == "output":
+                node = None  # "output" in prose is the model output already
+            return m.group("pre") + (self.describe(node) if node is not None else m.group("name"))
+
+        return self._CONTEXT.sub(sub, text)
 
 
 def _refuse_module_calls(gm: fx.GraphModule) -> None:

@@ -258,7 +258,7 @@ def _non_parameter_weights(gm: fx.GraphModule, params: dict[str, torch.Tensor]) 
         if not uses:
             continue
         kind = "a buffer" if node.target in buffer_names else "a constant tensor (neither parameter nor buffer)"
-        out[node.target] = Skip(node.target, f"{kind} used as the weight of {uses[0].node.name} ({uses[0].op}): "
+        out[node.target] = Skip(node.target, f"{kind} used as the weight of {uses[0].node.name}: "
                                              "nmgraph prunes parameters only; register it with "
                                              "nn.Parameter(..., requires_grad=False) to make it N:M")
     return list(out.values())
