@@ -117,6 +117,8 @@ def prepare(
     exclude: Sequence[str] = (),
     search: str = "greedy",
     seed: int = 0,
+    time_limit: float | None = None,
+    progress: bool = False,
 ) -> fx.GraphModule:
     """Returns a trainable GraphModule in which every eligible weight reaches its consumer through a mask node.
 
@@ -126,7 +128,8 @@ def prepare(
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
     :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
-    ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
+    ``permute`` reorders channels first (``search``, ``seed``; ``time_limit`` bounds it, default a
+    budget that scales with the model, see :func:`nmgraph.permute`; ``progress`` shows a bar). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
 
     Call :class:`SparsityCallback` ``.step()`` after every optimizer step.
@@ -181,7 +184,7 @@ def prepare(
     if scores is not None:
         PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
     if permute:
-        report = permute_channels(gm, plan, search=search, seed=seed)
+        report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit, progress=progress)
         update_graph_record(gm, permuted=report)
         log.info("permutation before training: %s", report)
     results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))

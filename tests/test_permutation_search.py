@@ -342,7 +342,7 @@ def test_threads_are_restored_and_do_not_change_the_result():
     assert torch.get_num_threads() == before
     default = search_permutation(w, "2:4", max_regressions=5)
     assert torch.equal(one.perm, default.perm)
-    with pytest.raises(PlanError, match="threads must be None or an int >= 1"):
+    with pytest.raises(PlanError, match=r"threads must be 'auto', None or an int >= 1"):
         search_permutation(w, "2:4", threads=0)
 
 

@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "BINARY_OPS",
     "CAST_OPS",
+    "DROPOUT_OPS",
     "EXPAND_OPS",
     "FILL_OPS",
     "GEMM_WEIGHTS",
@@ -55,6 +56,9 @@ UNARY_OPS = frozenset([
     aten.feature_dropout.default, aten.alpha_dropout.default,
     aten.clip.default, aten.clip_.default, aten.clamp_.default, aten.clamp_min_.default, aten.clamp_max_.default,
 ])
+#: Dropout ops, ``(input, p, train)``: random masks, which a channel permutation reorders.
+DROPOUT_OPS = frozenset([aten.dropout.default, aten.dropout_.default, aten.native_dropout.default,
+                         aten.feature_dropout.default, aten.alpha_dropout.default])
 #: Elementwise ops of several operands, with broadcasting.
 BINARY_OPS = frozenset([
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
