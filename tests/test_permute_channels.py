@@ -117,7 +117,7 @@ def test_greedy_search_raises_kept_magnitude_end_to_end():
     ref = first_tensor(model(*args)).detach()
     gm = nmgraph.capture(model, args)
     plan = nmgraph.analyze(gm, "2:4")
-    report = nmgraph.permute(gm, plan, search="greedy", seed=0, time_limit=2.0, accept="magnitude")
+    report = nmgraph.permute(gm, plan, search="greedy", seed=0, accept="magnitude")
     assert report.permuted
     for gid in report.permuted:
         consumers = plan.group(gid).consumers
@@ -349,7 +349,7 @@ def test_an_interrupt_at_any_step_leaves_the_model_bit_identical(monkeypatch, wh
         monkeypatch.setattr(pc, "_member_index", interrupt_on(2, pc._member_index))
         kwargs = {"search": "random"}
     elif where == "accept":  # after the candidate was applied and pruned, during its forward
-        monkeypatch.setattr(pc, "_output_error", interrupt_on(2, pc._output_error))
+        monkeypatch.setattr(pc, "_sample_errors", interrupt_on(2, pc._sample_errors))
         kwargs = {}
     else:
         monkeypatch.setattr(pc, "_rel_error", interrupt_on(1, pc._rel_error))

@@ -15,8 +15,9 @@ the fixed tolerance, the same check runs again in float64, where a valid permuta
 Why permute: N:M pruning keeps the N largest of every M consecutive input channels; a different
 channel order puts different weights together and can keep more magnitude. More kept magnitude is
 a proxy: a permutation is kept only when the *pruned* model's outputs on the example inputs (and
-calibration batches) are closer to the dense model's with it than without it (``accept="error"``,
-the default), decided group by group.
+calibration batches) are closer to the dense model's with it than without it, by more than two
+standard errors of the per-sample differences (``accept="error"``, the default), decided group by
+group. On a small example set this keeps few permutations: pass ``calibration`` batches.
 
 Cost: the search shares one time budget (``time_limit``, default :func:`default_time_limit`, which
 scales with the score matrices) across the groups by expected gain, largest first; the acceptance
@@ -59,6 +60,7 @@ MAX_SCORE_ELEMENTS = 1 << 26  # most entries of one score matrix (256 MiB in flo
 MIN_SAMPLED_ROWS = 256  # fewest score rows a time-bounded search samples
 SEARCH_WINDOW = 256  # search_permutation's default window (channels per gain table)
 FLOAT64_TOLERANCE = 1e-8  # a permutation that moves the float64 outputs by less than this is exact
+ERROR_SIGNIFICANCE = 2.0  # a kept permutation lowers the pruned model's error by this many standard errors
 
 
 @dataclass
@@ -316,16 +318,50 @@ def _batch(item: Any) -> tuple[tuple, dict]:
     return (item,), {}
 
 
-def _output_error(gm: fx.GraphModule, batches: list[tuple[tuple, dict]], refs: list[list[torch.Tensor]]) -> float:
-    """``||y - y_ref|| / ||y_ref||`` over every floating-point output of every batch (float64 sums)."""
-    num = den = 0.0
+def _sample_errors(gm: fx.GraphModule, batches: list[tuple[tuple, dict]],
+                   refs: list[list[torch.Tensor]]) -> tuple[torch.Tensor, float]:
+    """Per sample (index along axis 0 of every output, over every batch), ``||y - y_ref||^2``; and
+    ``sum ||y_ref||^2`` (float64)."""
+    per, den = [], 0.0
     for (a, k), ref in zip(batches, refs):
+        n = ref[0].shape[0] if ref and ref[0].dim() else 1
+        rows = torch.zeros(n, dtype=torch.float64)
         for r, o in zip(ref, _outputs(gm, a, k)):
-            r64 = r.double()
-            num += float((o.double() - r64).pow(2).sum())
-            den += float(r64.pow(2).sum())
-    err = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+            diff = (o.double() - r.double()).pow(2)
+            den += float(r.double().pow(2).sum())
+            if r.dim() and r.shape[0] == n:
+                rows += diff.reshape(n, -1).sum(1)
+            else:  # an output without the batch axis: shared evenly by the samples
+                rows += diff.sum() / n
+        per.append(rows)
+    errs = torch.cat(per) if per else torch.zeros(1, dtype=torch.float64)
+    return torch.nan_to_num(errs, nan=math.inf), den
+
+
+def _relative(errs: torch.Tensor, den: float) -> float:
+    err = math.sqrt(float(errs.sum()) / den) if den > 0 else math.sqrt(float(errs.sum()))
     return err if math.isfinite(err) else math.inf
+
+
+def _lower(new: torch.Tensor, old: torch.Tensor) -> tuple[bool, str]:
+    """Whether the pruned model is closer to the dense one with ``new`` than with ``old`` (per-sample
+    squared errors): lower in total, and, with 3 samples or more, lower by more than
+    ``ERROR_SIGNIFICANCE`` standard errors of the per-sample differences (a paired test: a small
+    example set must not decide on noise)."""
+    d = (new - old)
+    if not bool(torch.isfinite(d).all()):
+        return bool(torch.isfinite(new).all()) and not bool(torch.isfinite(old).all()), "not finite"
+    mean = float(d.mean())
+    if mean >= 0:
+        return False, ""
+    if d.numel() < 3:
+        return True, ""
+    se = float(d.std()) / math.sqrt(d.numel())
+    t = mean / se if se > 0 else -math.inf
+    if t > -ERROR_SIGNIFICANCE:
+        return False, (f"it drops by {-t:.1f} standard errors over {d.numel()} samples, fewer than "
+                       f"{ERROR_SIGNIFICANCE:g}: noise, not evidence")
+    return True, ""
 
 
 # ---------------------------------------------------------------------------------------- scores
@@ -700,7 +736,7 @@ def _accept_by_error(gm, plan, candidates, score, batches, refs, report, applied
     try:
         bar.show("pruned-model error without permutation")
         prune(layers)
-        current = _output_error(gm, batches, refs)
+        current, den = _sample_errors(gm, batches, refs)
         baseline = current
         per_check = t_batches
         for g, perm in candidates:
@@ -714,21 +750,22 @@ def _accept_by_error(gm, plan, candidates, score, batches, refs, report, applied
             _permute_members(views, g, perm)
             applied.append((g, perm))
             prune({m.name for m in g.members if m.name in layers})
-            err = _output_error(gm, batches, refs)
-            d.error_before, d.error_after, d.decided_by = current, err, "error"
-            if err < current:
+            errs, _ = _sample_errors(gm, batches, refs)
+            d.error_before, d.error_after, d.decided_by = _relative(current, den), _relative(errs, den), "error"
+            better, why = _lower(errs, current)
+            if better:
                 d.applied = True
-                current = err
+                current = errs
             else:
                 applied.pop()
                 _permute_members(views, g, torch.argsort(perm))
                 prune({m.name for m in g.members if m.name in layers})
-                d.note = "the pruned model's output error does not drop with it"
+                d.note = "the pruned model's output error does not drop with it" + (f": {why}" if why else "")
                 report.skipped.append(Skip(f"group {g.id}", d.note))
             per_check = time.perf_counter() - t0
-            log.info("group %d: pruned-model error %.4g -> %.4g: %s", g.id, d.error_before, err,
+            log.info("group %d: pruned-model error %.4g -> %.4g: %s", g.id, d.error_before, d.error_after,
                      "kept" if d.applied else "not kept")
-        report.pruned_error = (baseline, current)
+        report.pruned_error = (_relative(baseline, den), _relative(current, den))
     finally:
         with torch.no_grad():
             for name, d in dense.items():
