@@ -13,6 +13,7 @@ from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
 from nmgraph.deploy import CompiledModule, CompileOptions, compile
 from nmgraph.errors import (
+    ArgumentError,
     BackendUnavailableError,
     CaptureError,
     NMGraphError,
@@ -33,6 +34,7 @@ from nmgraph.search import SearchResult, kept_score, search_permutation
 from nmgraph.training import SparsityCallback, convert, prepare
 
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "CaptureError",
     "CompileOptions",

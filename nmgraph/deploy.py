@@ -20,15 +20,18 @@ from nmgraph.analysis import analyze
 from nmgraph.backends import backend_names
 from nmgraph.backends.dispatch import Dispatcher
 from nmgraph.capture import capture
-from nmgraph.errors import UnsupportedError
+from nmgraph.errors import BackendUnavailableError, UnsupportedError
 from nmgraph.exporters.tensorrt import compile_torch_tensorrt, require_tensorrt
+from nmgraph.graph import fetch_attr
 from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
 from nmgraph.passes.permute_channels import permute
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike
+from nmgraph.rollback import Rollback
 from nmgraph.search import SEARCHES
-from nmgraph.training import prepare
+from nmgraph.training import prepare, without_dropout
+from nmgraph.validate import check_plan_finite, check_seed, check_time_limit
 
 __all__ = ["CompileOptions", "CompiledModule", "compile", "nmgraph_backend"]
 
@@ -71,6 +74,8 @@ class CompileOptions:
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
             raise UnsupportedError(f"nmgraph.compile(search={self.search!r}) is not one of {', '.join(SEARCHES)}.")
+        check_seed(self.seed, "nmgraph.compile")
+        check_time_limit(self.time_limit, "nmgraph.compile")
         if self.dispatcher is not None and not isinstance(self.dispatcher, Dispatcher):
             raise UnsupportedError(
                 f"nmgraph.compile(dispatcher=...) must be an nmgraph.backends.dispatch.Dispatcher, got "
@@ -158,17 +163,51 @@ class CompiledModule(torch.nn.Module):
             require_tensorrt("torch_tensorrt")
         gm = capture(self.model, args, kwargs)
         plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
+        if self._dispatcher is None and self.backend != "tensorrt":
+            self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
+        self._check_backend(gm, plan)
+        check_plan_finite(gm, plan)
+        # permute, prune and lower change the model's own tensors: all of it, or none of it
+        with Rollback() as undo:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+            permuted = None
+            if not self._sparsified and opts.permute:
+                with without_dropout(gm):  # verified with dropout off
+                    permuted = permute(gm, plan, search=opts.search, seed=opts.seed,
+                                       time_limit=opts.time_limit, progress=opts.progress)
+            run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+            try:
+                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only)
+            except BaseException:
+                self.report.lowerings.pop(sig, None)
+                self.report.runs.pop(sig, None)
+                raise
         if not self._sparsified:
-            if opts.permute:
-                self.report.permute = permute(gm, plan, search=opts.search, seed=opts.seed,
-                                              time_limit=opts.time_limit, progress=opts.progress)
+            self.report.permute = permuted
             self.report.plan = plan
-        run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
         self._sparsified = True
+        return runner
+
+    def _check_backend(self, gm: fx.GraphModule, plan: Any) -> None:
+        """Refuses, before any weight changes, a backend that cannot run on the weights' device (other
+        failures, ``strict=True`` included, are undone by the rollback)."""
+        if self.backend in ("auto", "eager", "tensorrt"):
+            return
+        devices = {fetch_attr(gm, info.name).device for info in plan.layers} or {torch.device("cpu")}
+        backend = self._dispatcher.registry.get(self.backend)
+        for device in devices:
+            reason = backend.device_reason(device) if backend.sparse else None
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"nmgraph.compile(backend={self.backend!r}) cannot run on {device}: {reason}. Nothing "
+                    "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
+                )
+
+    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool) -> Any:
+        opts = self.options
         if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
             return compile_torch_tensorrt(gm, list(args), **dict(opts.tensorrt_options))
-        if self._dispatcher is None:
-            self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
         # every eligible weight: lower_linears lowers what a sparse kernel can read and reports the rest
         weights = {i.name: i.axis for i in plan.layers}
         result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=self.backend,

@@ -14,17 +14,20 @@
 True
 
 The prepared graph's ``train()``/``eval()`` switch the mask nodes between the training forward and
-the hard N:M forward (and ``aten.dropout`` nodes between on and off). Graphs from ``torch.export``
+the hard N:M forward (and dropout between on and off: ``aten.dropout`` nodes and the ``dropout_p``
+of ``scaled_dot_product_attention``). Graphs from ``torch.export``
 refuse ``train()``/``eval()`` by default; :func:`prepare` installs these two methods on the instance,
 as torch's own ``ExportedProgram.module()`` does for its refusing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,23 +45,60 @@ from nmgraph.passes.permute_channels import permute as permute_channels
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern
+from nmgraph.rollback import Rollback
+from nmgraph.validate import check_plan_finite, check_seed
 
-__all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
+__all__ = ["AttentionDropout", "SparsityCallback", "convert", "hf_callback", "prepare", "set_mode", "without_dropout"]
 
 log = logging.getLogger(__name__)
 
 _DROPOUT = torch.ops.aten.dropout.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """``node.meta["nmgraph"]`` of a ``scaled_dot_product_attention`` node whose dropout
+    :func:`set_mode` switched off: the probability it restores when dropout is switched on."""
+
+    p: float
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _set_sdpa_dropout(node: fx.Node, p: float) -> None:
+    if len(node.args) > 4:
+        node.update_arg(4, p)
+    else:
+        node.update_kwarg("dropout_p", p)
+
+
+def _switch_attention_dropout(node: fx.Node, on: bool) -> bool:
+    """Switches an SDPA node's ``dropout_p`` off (recording it) or back on; returns whether it changed."""
+    p = _sdpa_dropout(node)
+    saved = node.meta.get("nmgraph")
+    if not on and p != 0.0:
+        node.meta = {**node.meta, "nmgraph": AttentionDropout(p)}
+        _set_sdpa_dropout(node, 0.0)
+        return True
+    if on and p == 0.0 and isinstance(saved, AttentionDropout) and saved.p != 0.0:
+        _set_sdpa_dropout(node, saved.p)
+        return True
+    return False
 
 
 def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
-    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+    return analyze(gm, pattern, include=include, exclude=exclude)
 
 
 def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
     """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
 
-    ``aten.dropout`` nodes are switched on when ``dropout`` is true and off when it is false;
-    ``None`` follows ``training``. The graph is recompiled only if a node changed (under
+    Dropout (``aten.dropout`` nodes and the ``dropout_p`` of ``scaled_dot_product_attention``) is
+    switched on when ``dropout`` is true and off when it is false; ``None`` follows ``training``. The graph is recompiled only if a node changed (under
     ``torch.compile`` that is one recompilation per switch). Sets ``training`` on ``gm``'s modules.
     Returns whether the graph changed.
     """
@@ -73,10 +113,43 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None 
         elif node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not dropout:
             node.update_arg(2, dropout)
             changed = True
+        elif node.target is _SDPA and _switch_attention_dropout(node, dropout):
+            changed = True
     if changed:
         gm.recompile()
     torch.nn.Module.train(gm, training)
     return changed
+
+
+@contextlib.contextmanager
+def without_dropout(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Runs the block with every dropout of ``gm`` off; puts back each one that was on.
+
+    A permutation is verified by comparing outputs before and after: with dropout on, the same
+    random mask falls on other channels after the permutation, so an exact permutation would look
+    like a changed function.
+    """
+    was_on = [n for n in gm.graph.nodes if n.op == "call_function" and (
+        (n.target is _DROPOUT and len(n.args) == 3 and n.args[2] is True)
+        or (n.target is _SDPA and _sdpa_dropout(n) != 0.0))]
+    if not was_on:
+        yield gm
+        return
+    for n in was_on:
+        if n.target is _DROPOUT:
+            n.update_arg(2, False)
+        else:
+            _switch_attention_dropout(n, False)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for n in was_on:
+            if n.target is _DROPOUT:
+                n.update_arg(2, True)
+            else:
+                _switch_attention_dropout(n, True)
+        gm.recompile()
 
 
 def _train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
@@ -183,23 +256,32 @@ def prepare(
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
     if scores is not None:
         PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
+    check_plan_finite(gm, plan, scores)
     if permute:
-        report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit, progress=progress)
-        update_graph_record(gm, permuted=report)
-        log.info("permutation before training: %s", report)
-    results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
-    res = results[0]
-    skipped = [*plan.skipped, *res.skipped]
-    if not res.modified:
-        raise PlanError(
-            f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
-            f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
-        )
-    for s in skipped:
-        log.info("left dense: %s (%s)", s.name, s.reason)
-    update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
-    _install_train_eval(gm)
-    set_mode(gm, True)
+        check_seed(seed, "prepare")
+    with Rollback() as undo:
+        if gm is model:  # the caller's graph is rewritten in place
+            undo.keep_module(gm)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
+                report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit,
+                                          progress=progress)
+            update_graph_record(gm, permuted=report)
+            log.info("permutation before training: %s", report)
+        results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
+        res = results[0]
+        skipped = [*plan.skipped, *res.skipped]
+        if not res.modified:
+            raise PlanError(
+                f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
+                f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
+            )
+        for s in skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
+        _install_train_eval(gm)
+        set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
 
@@ -242,11 +324,15 @@ def convert(
                 "convert() folds the trained masks of a prepared graph; plan= and saliency= apply only "
                 "to a graph without mask nodes."
             )
-        set_mode(gm, False)
-        res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
-        patterns = set(res.info["patterns"].values())
-        update_graph_record(gm, converted=ConvertRecord(
-            tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
+        with Rollback() as undo:
+            undo.keep_module(gm)
+            undo.keep_tensors(fetch_attr(gm, n.args[0].target) for n in mask_nodes(gm)
+                              if isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr")
+            set_mode(gm, False)
+            res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
+            patterns = set(res.info["patterns"].values())
+            update_graph_record(gm, converted=ConvertRecord(
+                tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
         log.info("convert: folded masks into %d weights", len(res.info["folded"]))
         return gm
     p = p or Pattern(2, 4)
@@ -254,12 +340,17 @@ def convert(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
-    res = run_passes(gm, (prune_weights,), PruneWeightsConfig(plan, saliency))[0]
-    pruned = res.info["pruned"]
+    config = PruneWeightsConfig(plan, saliency)
+    with Rollback() as undo:
+        if gm is gm_or_prepared:
+            undo.keep_module(gm)
+        undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+        res = run_passes(gm, (prune_weights,), config)[0]
+        pruned = res.info["pruned"]
+        update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
+                                                        {i.name: i.axis for i in plan.layers}))
     for s in plan.skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
-                                                    {i.name: i.axis for i in plan.layers}))
     log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
              "magnitude" if saliency is None else "saliency")
     return gm

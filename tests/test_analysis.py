@@ -372,6 +372,32 @@ def test_analyze_is_pure_and_reports_skips():
     assert '"pattern": "2:4"' in plan.to_json() and "left dense" in str(plan)
 
 
+class _BufferWeights(nn.Module):
+    """A frozen projection registered as a buffer, and one kept as a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("proj", torch.randn(16, 8))
+        self.const = torch.randn(16, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.linear(x, self.proj)
+        return self.head(torch.relu(self.fc(F.linear(h, self.const))))
+
+
+def test_a_buffer_or_constant_used_as_a_gemm_weight_is_reported():
+    gm = nmgraph.capture(_BufferWeights(), (torch.randn(2, 8),))
+    plan = nmgraph.analyze(gm, "2:4")
+    assert [i.name for i in plan.layers] == ["fc.weight"]
+    reasons = dict(plan.skipped)
+    assert reasons["proj"].startswith("a buffer used as the weight of linear (linear): nmgraph prunes parameters "
+                                      "only; register it with nn.Parameter(..., requires_grad=False)")
+    const = [name for name in reasons if name not in ("proj", "head.weight")]
+    assert len(const) == 1 and reasons[const[0]].startswith("a constant tensor (neither parameter nor buffer)")
+
+
 # ---------------------------------------------------------------- real architectures
 
 

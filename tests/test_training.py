@@ -370,3 +370,34 @@ def test_example_train_tiny_lm_smoke():
         # 6 steps from random init: the loss is near uniform over 128 symbols (7 bits), and finite
         assert 3.0 < r["val_bpc"] < 8.0
     assert all(r["masked_weights"] == 8 for r in results[1:])  # qkv, proj, up, down in 2 blocks
+
+
+def test_prepare_verifies_the_permutation_with_dropout_off():
+    """GPT-2 as transformers builds it is in train mode, with dropout in its residual stream and in
+    scaled_dot_product_attention (inside a permutation group): the permutation is verified with
+    dropout off (a dropout mask falls on other channels after a permutation), and dropout is back on
+    in the prepared graph's training forward and off in its eval forward."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=hf_models.VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.training and cfg.attn_pdrop == 0.1
+    reference = copy.deepcopy(model).eval()
+    ids = torch.randint(0, hf_models.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = prepare(model, (ids,), "2:4", method="ste", permute=True, search="greedy")
+    report = graph_record(gm).permuted
+    assert report.permuted and report.max_error <= 1e-5
+    with torch.no_grad():  # the user's (permuted) model computes the reference's function
+        torch.testing.assert_close(first_tensor(model.eval()(ids)), first_tensor(reference(ids)),
+                                   rtol=1e-4, atol=1e-5)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    drop = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert len(sdpa) == 1 and len(drop) == 3
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)  # training forward: on
+    gm.eval()
+    assert sdpa[0].args[4] == 0.0 and all(n.args[2] is False for n in drop)  # eval: off, attention included
+    with torch.no_grad():
+        assert torch.equal(first_tensor(gm(ids)), first_tensor(gm(ids)))
+    gm.train()
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)

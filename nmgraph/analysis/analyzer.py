@@ -20,7 +20,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from nmgraph.analysis.eligibility import find_layers
 from nmgraph.analysis.flow import Flow
@@ -34,6 +36,19 @@ from nmgraph.pattern import Pattern, PatternLike
 __all__ = ["analyze"]
 
 log = logging.getLogger(__name__)
+
+
+def _check_outputs(gm: fx.GraphModule) -> None:
+    """A graph whose output holds no graph value (a forward returning ``None``) computes nothing a
+    pass could keep equal: nothing it does reaches the caller, and dead-code elimination drops it."""
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None or not any(isinstance(a, fx.Node) for a in pytree.tree_leaves(out.args)):
+        raise UnsupportedError(
+            f"analyze(): the graph of {type(gm).__name__} returns no tensor (its forward returned "
+            f"{out.args[0] if out is not None and len(out.args) == 1 else None!r}), so none of its layers "
+            "reaches an output and nothing could be verified or pruned meaningfully. Make forward() return "
+            "its output tensor(s)."
+        )
 
 
 def analyze(
@@ -65,11 +80,18 @@ def analyze(
     >>> [(g.size, sorted(m.name for m in g.members)) for g in plan.groups]
     [(16, ['0.bias', '0.weight', '2.weight'])]
     """
+    if isinstance(gm, torch.export.ExportedProgram):
+        raise UnsupportedError(
+            "analyze() needs a captured graph, got a torch.export.ExportedProgram: pass "
+            "nmgraph.capture(model, example_inputs) (its parameters are the model's own, so what the passes "
+            "change reaches the model), or at least ep.module()."
+        )
     if not isinstance(gm, fx.GraphModule):
         raise UnsupportedError(
             f"analyze() needs a captured graph, got {type(gm).__name__}; call nmgraph.capture(model, "
-            "example_inputs) first."
+            "example_inputs) first and analyze the GraphModule it returns."
         )
+    _check_outputs(gm)
     p = Pattern.parse(pattern)
     table = rule_table(rules)
     found = find_layers(gm, p, include, exclude, dense_head)

@@ -7,6 +7,7 @@ and MoE experts read by a grouped GEMM. Every weight that is not eligible is rep
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import sys
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from nmgraph.analysis.aten_ops import (
     is_grouped_mm,
 )
 from nmgraph.analysis.nodes import (
+    attr_value,
     conv_groups,
     linear_of_transposed,
     module_of,
@@ -36,9 +38,10 @@ from nmgraph.analysis.nodes import (
     val_of,
 )
 from nmgraph.analysis.plan import LayerInfo, Skip
+from nmgraph.errors import ArgumentError, PlanError
 from nmgraph.pattern import Pattern
 
-__all__ = ["Eligibility", "WeightUse", "find_layers", "gemm_uses", "gemm_weight_axes", "matches", "module_gemm_axes",
+__all__ = ["Eligibility", "WeightUse", "check_name_patterns", "find_layers", "gemm_uses", "gemm_weight_axes", "matches", "module_gemm_axes",
            "weight_use"]
 
 aten = torch.ops.aten
@@ -193,9 +196,50 @@ class Eligibility:
     canonical: dict[int, str]
 
 
+def _name_patterns(value: Sequence[str] | str, arg: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise ArgumentError(f"analyze({arg}=...) takes a list of name patterns, got {type(value).__name__}.") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise ArgumentError(f"analyze({arg}=...) takes name patterns (strings), got {bad[0]!r}.")
+    return patterns
+
+
+def check_name_patterns(gm: fx.GraphModule, arg: str, patterns: Sequence[str]) -> None:
+    """Each pattern of ``include=``/``exclude=`` must match a parameter or module name of ``gm``: a
+    typo would otherwise keep a layer dense (or prune an output head) without a word."""
+    names: set[str] = set()
+    for pname, _ in gm.named_parameters(remove_duplicate=False):
+        parts = pname.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for n in gm.graph.nodes:
+        for path, *_ in (n.meta.get("nn_module_stack") or {}).values():
+            if isinstance(path, str) and path:
+                names.add(path)
+    for p in patterns:
+        if any(matches(name, (p,)) for name in names):
+            continue
+        near = difflib.get_close_matches(p, sorted(names), n=5, cutoff=0.6)
+        hint = (f"did you mean {', '.join(map(repr, near))}?" if near else
+                f"names look like {', '.join(map(repr, sorted(names, key=len)[:5]))}")
+        raise PlanError(
+            f"{arg}={p!r} matches no parameter or module name of this graph ({hint}). Patterns are fnmatch "
+            "patterns matched against parameter and module names, e.g. 'encoder.layer.*.output.dense'."
+        )
+
+
 def find_layers(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str] = (), exclude: Sequence[str] = (),
                 dense_head: bool = True) -> Eligibility:
-    """Every parameter of ``gm`` of 2 or more dims: eligible for ``pattern``, or skipped with a reason."""
+    """Every parameter of ``gm`` of 2 or more dims: eligible for ``pattern``, or skipped with a reason.
+
+    A pattern of ``include``/``exclude`` that matches no name raises :class:`PlanError` listing near names."""
+    include, exclude = _name_patterns(include, "include"), _name_patterns(exclude, "exclude")
+    check_name_patterns(gm, "include", include)
+    check_name_patterns(gm, "exclude", exclude)
     params, canonical, seen_tensors = _param_nodes(gm)
     gemm_nodes = {n for n in gm.graph.nodes if n.op == "call_function" and (
         n.target in GEMM_WEIGHTS or n.target in RNN_WEIGHTS)}
@@ -242,7 +286,31 @@ def find_layers(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str] = (
             continue
         layers.append(LayerInfo(pname, tuple(w.shape), use.axis, use.op, use.node.name, module))
         eligible_nodes[pname] = (nodes[0], use.node)
+    skipped.extend(_non_parameter_weights(gm, params))
     return Eligibility(tuple(layers), tuple(skipped), eligible_nodes, canonical)
+
+
+def _non_parameter_weights(gm: fx.GraphModule, params: dict[str, torch.Tensor]) -> list[Skip]:
+    """Buffers and constant tensors that a GEMM reads as its weight: reported, never pruned silently
+    nor ignored silently (they are no Parameter: an optimizer does not train them, and ``convert``
+    prunes parameters only)."""
+    param_ids = {id(t) for t in params.values()}
+    buffer_names = {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    out: dict[str, Skip] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in params or node.target in out:
+            continue
+        t = attr_value(node)
+        if t is None or id(t) in param_ids or t.dim() < 2:
+            continue
+        uses = [u for u in gemm_uses(node) if u.axis is not None]
+        if not uses:
+            continue
+        kind = "a buffer" if node.target in buffer_names else "a constant tensor (neither parameter nor buffer)"
+        out[node.target] = Skip(node.target, f"{kind} used as the weight of {uses[0].node.name} ({uses[0].op}): "
+                                             "nmgraph prunes parameters only; register it with "
+                                             "nn.Parameter(..., requires_grad=False) to make it N:M")
+    return list(out.values())
 
 
 def gemm_weight_axes(gm: fx.GraphModule) -> dict[str, int]:

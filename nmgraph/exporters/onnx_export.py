@@ -49,9 +49,11 @@ from nmgraph.errors import (
 )
 from nmgraph.exporters import tensorrt as trt
 from nmgraph.exporters.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm, parameter_aliases
+from nmgraph.graph import fetch_attr
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
+from nmgraph.rollback import Rollback
 
 __all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
 
@@ -260,93 +262,97 @@ def export(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
-    seconds: dict[str, float] = {}
-
-    module = model_or_gm
-    axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    converted = False
-    left_dense: dict[str, str] = {}
-    if convert is True or (convert == "auto" and nm and not any(nm.values())):
-        t0 = time.perf_counter()
-        converted_gm, convert_plan = _run_convert(module, args, kwargs, p, plan)
-        seconds["convert"] = time.perf_counter() - t0
-        left_dense = {s.name: s.reason for s in convert_plan.skipped}
-        # convert prunes the model's own parameters in place: export the model itself (its module
-        # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
-        if not _shares_parameters(converted_gm, module):
-            module = converted_gm
-        converted = True
+    if dynamic_batch and exporter in ("auto", "dynamo"):
+        batch_dynamic_shapes(model_or_gm, args, kwargs)  # refuses inputs it cannot match, before any change
+    # convert prunes the model's own weights and the export sets eval mode: on any failure, undo both
+    with Rollback() as undo:
+        undo.keep_module(model_or_gm)
+        seconds: dict[str, float] = {}
+        module = model_or_gm
         axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
         params = dict(module.named_parameters(remove_duplicate=False))
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    model_dense = list(skips)
-    violations: list[Skip] = []
-    for name, ok in nm.items():
-        if ok:
-            continue
-        why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
-               f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
-        skip = Skip(name, why)
-        model_dense.append(skip)
-        if plan is not None:
-            violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
-    missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
-    if missing:
-        raise PlanError(
-            f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
-        )
+        converted = False
+        left_dense: dict[str, str] = {}
+        if convert is True or (convert == "auto" and nm and not any(nm.values())):
+            t0 = time.perf_counter()
+            converted_gm, convert_plan = _run_convert(module, args, kwargs, p, plan, undo)
+            seconds["convert"] = time.perf_counter() - t0
+            left_dense = {s.name: s.reason for s in convert_plan.skipped}
+            # convert prunes the model's own parameters in place: export the model itself (its module
+            # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
+            if not _shares_parameters(converted_gm, module):
+                module = converted_gm
+            converted = True
+            axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
+            params = dict(module.named_parameters(remove_duplicate=False))
+            nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
+        model_dense = list(skips)
+        violations: list[Skip] = []
+        for name, ok in nm.items():
+            if ok:
+                continue
+            why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
+                   f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
+            skip = Skip(name, why)
+            model_dense.append(skip)
+            if plan is not None:
+                violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
+        missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
+        if missing:
+            raise PlanError(
+                f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
+            )
 
-    export_module, export_args, export_kwargs = module, args, kwargs
-    if fp16:
-        export_module = copy.deepcopy(module).to(torch.float16)
-        export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
-    set_eval(export_module)
-    t0 = time.perf_counter()
-    used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
-                              dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
-                              output_names=output_names)
-    seconds["export"] = time.perf_counter() - t0
-    onnx_opset = _check_model(onnx_path)
-
-    diffs: tuple[float, ...] = ()
-    tol = None
-    if verify:
+        export_module, export_args, export_kwargs = module, args, kwargs
+        if fp16:
+            export_module = copy.deepcopy(module).to(torch.float16)
+            export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
+        set_eval(export_module)
         t0 = time.perf_counter()
-        dtype = torch.float16 if fp16 else _model_dtype(module)
-        default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-        tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
-        diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
-        seconds["verify"] = time.perf_counter() - t0
+        used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
+                                  dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
+                                  output_names=output_names)
+        seconds["export"] = time.perf_counter() - t0
+        onnx_opset = _check_model(onnx_path)
 
-    t0 = time.perf_counter()
-    expected = {name for name, ok in nm.items() if ok}
-    check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
-    seconds["check"] = time.perf_counter() - t0
-    report = ExportReport(
-        path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
-        dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
-        model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
-        tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
-    )
-    if strict and report.lost:
-        raise StrictModeError(
-            f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
-            + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
-        )
-    for s in violations:
-        log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
-    if format == "tensorrt":
+        diffs: tuple[float, ...] = ()
+        tol = None
+        if verify:
+            t0 = time.perf_counter()
+            dtype = torch.float16 if fp16 else _model_dtype(module)
+            default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+            tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+            diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
+            seconds["verify"] = time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
-                                  dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
-        seconds["tensorrt"] = time.perf_counter() - t0
-        report = _replace(report, engine_path=str(engine))
-    log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
-             len(check.dense))
-    return report
+        expected = {name for name, ok in nm.items() if ok}
+        check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
+        seconds["check"] = time.perf_counter() - t0
+        report = ExportReport(
+            path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
+            dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
+            model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
+            tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
+        )
+        if strict and report.lost:
+            raise StrictModeError(
+                f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
+                + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
+            )
+        for s in violations:
+            log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
+        if format == "tensorrt":
+            t0 = time.perf_counter()
+            engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
+                                      dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
+            seconds["tensorrt"] = time.perf_counter() - t0
+            report = _replace(report, engine_path=str(engine))
+        log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
+                 len(check.dense))
+        return report
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -369,11 +375,14 @@ def _require_onnx() -> None:
 
 
 def _run_convert(module: torch.nn.Module, args: tuple, kwargs: dict, p: Pattern,
-                 plan: SparsityPlan | None) -> tuple[torch.fx.GraphModule, SparsityPlan]:
-    """Prunes ``module`` (its own parameters, through a captured graph) to ``p``; returns the graph and plan."""
+                 plan: SparsityPlan | None, undo: Rollback) -> tuple[torch.fx.GraphModule, SparsityPlan]:
+    """Prunes ``module`` (its own parameters, through a captured graph) to ``p``; returns the graph and plan.
+    The pruned tensors are recorded in ``undo`` first."""
     gm = module if isinstance(module, torch.fx.GraphModule) else capture(module, args, kwargs)
     plan = plan if plan is not None else analyze(gm, p)
-    run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+    config = PruneWeightsConfig(plan)
+    undo.keep_tensors(t for t in (fetch_attr(gm, info.name) for info in plan.layers) if isinstance(t, torch.Tensor))
+    run_passes(gm, (prune_weights,), config)
     return gm, plan
 
 
@@ -544,8 +553,16 @@ def _compare(module, args, kwargs, session, tol, what: str) -> list[float]:
             f"example inputs hold {len(feeds_t)} tensors; pass inputs exactly as the model is called."
         )
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_t)}
-    with torch.no_grad():
-        ref = _flat_tensors(module(*args, **kwargs))
+    try:
+        with torch.no_grad():
+            ref = _flat_tensors(module(*args, **kwargs))
+    except Exception as e:
+        raise VerificationError(
+            f"The PyTorch model itself fails on {what} ({type(e).__name__}: {_first_line(e)}), so the "
+            "export cannot be verified there"
+            + ("; the model does not run at another batch size: export with dynamic_batch=False."
+               if "batch size + 1" in what else ".")
+        ) from e
     got = session.run(None, feeds)
     if len(got) != len(ref):
         raise VerificationError(

@@ -8,7 +8,9 @@ prepared graph's hard-mask forward. When no mask node is left, the mask state su
 removed too.
 
 The fold writes into the weight tensors themselves (the model's own Parameters, shared through
-capture), so the model outside the graph becomes N:M as well.
+capture), so the model outside the graph becomes N:M as well. Every mask node is checked (pattern,
+weight read directly, hard mask N:M) before the first weight is written, so a bad mask raises with
+nothing folded; :func:`nmgraph.convert` also undoes the writes if the call fails later.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
     folded: dict[str, Pattern] = {}
     axes: dict[str, int] = {}
     states: set[str] = set()
+    # 1. check every mask node before any weight changes (a bad second mask must not leave the first folded)
+    rewrites: list[tuple[fx.Node, fx.Node]] = []
+    writes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for node in mask_nodes(gm):
         info = _describe(gm, node)
         wnode, hnode = node.args[0], node.args[2]
@@ -94,17 +99,22 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
             )
         weight = fetch_attr(gm, wnode.target)
         hard = fetch_attr(gm, hnode.target)
-        if wnode.target not in folded:
-            with torch.no_grad():
-                weight.mul_(hard)
-            if config.verify and not is_nm(weight, info.pattern, axis=info.axis):
+        if wnode.target not in writes:
+            if config.verify and not is_nm(weight.detach() * hard, info.pattern, axis=info.axis):
                 raise VerificationError(
-                    f"Folded weight {info.weight!r} (node {node.name}) is not {info.pattern} along axis "
-                    f"{info.axis}: its hard mask buffer {hnode.target!r} is not an N:M mask. Was it "
-                    "overwritten? Reload the prepared model's state_dict."
+                    f"Weight {info.weight!r} (node {node.name}) folded with its mask is not {info.pattern} along "
+                    f"axis {info.axis}: its hard mask buffer {hnode.target!r} is not an N:M mask. Was it "
+                    "overwritten? Reload the prepared model's state_dict. Nothing was folded."
                 )
+            writes[wnode.target] = (weight, hard)
             folded[wnode.target] = info.pattern
             axes[wnode.target] = info.axis
+        rewrites.append((node, wnode))
+    # 2. write the weights, 3. rewrite the graph
+    with torch.no_grad():
+        for weight, hard in writes.values():
+            weight.mul_(hard)
+    for node, wnode in rewrites:
         node.replace_all_uses_with(wnode)
         attr_args = [a for a in node.args if isinstance(a, fx.Node) and a is not wnode]
         graph.erase_node(node)

@@ -46,6 +46,7 @@ from nmgraph.errors import PlanError, VerificationError
 from nmgraph.graph import graph_record
 from nmgraph.pattern import Pattern, group_view, kept_magnitude, nm_mask
 from nmgraph.search import SEARCHES, kept_score, search_permutation
+from nmgraph.validate import check_permute_arguments
 
 __all__ = ["GroupDecision", "PermuteReport", "apply_permutation", "default_time_limit", "kept_magnitude", "permute"]
 
@@ -530,13 +531,11 @@ def permute(
     :class:`VerificationError` naming the group.
     """
     start = time.perf_counter()
+    check_permute_arguments(gm, plan, seed=seed, time_limit=time_limit, perms=perms)
     if search not in SEARCHES:
         raise PlanError(f"search={search!r} is not one of {SEARCHES}.")
     if accept not in ("error", "magnitude"):
         raise PlanError(f"accept={accept!r} is not one of ('error', 'magnitude').")
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
-                                   or not time_limit >= 0):
-        raise PlanError(f"time_limit must be None, a number of seconds >= 0 or math.inf, got {time_limit!r}.")
     report = PermuteReport()
     tensors = _tensors(gm)
     p = plan.pattern

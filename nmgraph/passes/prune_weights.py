@@ -1,11 +1,13 @@
 """One-shot pruning: make every eligible weight of a plan exactly N:M, in place.
 
-Why the rewrite is valid: it changes no node. Each weight of ``plan.layers`` is multiplied by the
-N:M mask of its scores along its reduction axis (``|w|`` by default, or a saliency per weight), so
-the graph computes the pruned model; the weights are the model's own tensors (capture shares them),
-so the user's module is pruned too. Nothing is written until every mask has been computed and
-checked: a weight that cannot be pruned (missing, NaN scores, a mask that is not N:M) raises before
-any weight changes, naming the layer.
+Why the rewrite is valid: it changes no node. In each weight of ``plan.layers`` the entries outside
+the N:M mask of its scores along its reduction axis (``|w|`` by default, or a saliency per weight)
+are set to ``+0.0``, so the graph computes the pruned model; the weights are the model's own tensors
+(capture shares them), so the user's module is pruned too. Nothing is written until every mask has
+been computed and checked: a weight that cannot be pruned (missing, NaN weights or scores, a mask
+that is not N:M) raises before any weight changes, naming the layer. The public calls that run this
+pass (``convert``, ``export``, ``nmgraph.compile``) also undo the writes if the call fails later
+(:mod:`nmgraph.rollback`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nmgraph.errors import PlanError, VerificationError
 from nmgraph.graph import fetch_attr
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import is_nm, nm_mask
+from nmgraph.validate import check_finite
 
 __all__ = ["PruneWeightsConfig", "prune_weights"]
 
@@ -63,13 +66,17 @@ def prune_weights(gm: fx.GraphModule, config: PruneWeightsConfig) -> PassResult:
             raise PlanError(f"plan layer {info.name!r} is not a parameter or buffer of this graph module; the "
                             "plan was made for another graph. Re-run nmgraph.analyze on this graph.")
         score = None if config.scores is None else config.scores.get(info.name)
+        where = f"{info.name!r} (node {info.node})"
+        check_finite(w, info.name, node=info.node)
+        if score is not None:
+            check_finite(score, info.name, what="saliency score for", node=info.node)
         mask = nm_mask(w.detach(), plan.pattern, score, axis=info.axis)
-        if not is_nm(w.detach() * mask, plan.pattern, axis=info.axis):
-            raise VerificationError(f"Pruned weight {info.name!r} would not be {plan.pattern} along axis {info.axis}.")
+        if not is_nm(w.detach().masked_fill(~mask, 0), plan.pattern, axis=info.axis):
+            raise VerificationError(f"Pruned weight {where} would not be {plan.pattern} along axis {info.axis}.")
         masks.append((info.name, w, mask))
     with torch.no_grad():
         for _, w, mask in masks:
-            w.mul_(mask)
+            w.masked_fill_(~mask, 0)
     result.info["pruned"] = [name for name, _, _ in masks]
     log.info("prune_weights: %d weights pruned to %s", len(masks), plan.pattern)
     return result
