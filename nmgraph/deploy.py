@@ -157,7 +157,8 @@ class CompiledModule(torch.nn.Module):
         ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
         opts = self.options
         if self.mode == "train":
-            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
+            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs,
+                           search=opts.search, seed=opts.seed, time_limit=opts.time_limit, progress=opts.progress)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
             require_tensorrt("torch_tensorrt")
         gm = capture(self.model, args, kwargs, dynamic=False)  # one graph per input signature, lowered for it

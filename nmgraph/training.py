@@ -205,6 +205,8 @@ def prepare(
     exclude: Sequence[str] = (),
     search: str = "greedy",
     seed: int = 0,
+    time_limit: float | None = None,
+    progress: bool = False,
     inplace: bool = False,
 ) -> torch.nn.Module:
     """Returns a trainable model in which every eligible weight is read through ``nmgraph::masked_weight``.
@@ -223,7 +225,8 @@ def prepare(
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
     :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
-    ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
+    ``permute`` reorders channels first (``search``, ``seed``; ``time_limit`` bounds it, default a
+    budget that scales with the model, see :func:`nmgraph.permute`; ``progress`` shows a bar). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
 
     Call :class:`SparsityCallback` ``.step()`` after every optimizer step.
@@ -291,7 +294,8 @@ def prepare(
     if inplace:
         if permute:
             check_seed(seed, "prepare")
-        return _prepare_module(model, gm, plan, config, permute=permute, search=search, seed=seed, scores=scores)
+        return _prepare_module(model, gm, plan, config, permute=permute, search=search, seed=seed, scores=scores,
+                               time_limit=time_limit, progress=progress)
     if permute:
         check_seed(seed, "prepare")
     with Rollback() as undo:
@@ -300,7 +304,8 @@ def prepare(
         if permute:
             undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
             with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
-                report = permute_channels(gm, plan, search=search, seed=seed)
+                report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit,
+                                          progress=progress)
             update_graph_record(gm, permuted=report)
             log.info("permutation before training: %s", report)
         results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
@@ -321,7 +326,8 @@ def prepare(
 
 
 def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPlan, config: TrainingConfig, *,
-                    permute: bool, search: str, seed: int, scores: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+                    permute: bool, search: str, seed: int, scores: Mapping[str, torch.Tensor] | None,
+                    time_limit: float | None = None, progress: bool = False) -> torch.nn.Module:
     """``prepare(inplace=True)``: permute through the graph, check the model itself, attach the masks."""
     if not plan.layers:
         raise PlanError(
@@ -335,7 +341,7 @@ def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPl
         if permute:
             undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
             before = _module_outputs(model, args, kwargs)
-            report = permute_channels(gm, plan, search=search, seed=seed)
+            report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit, progress=progress)
             if report.permuted:
                 err = _relative_change(before, _module_outputs(model, args, kwargs))
                 if err > (2e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in before) else 1e-4):
