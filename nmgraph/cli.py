@@ -40,6 +40,7 @@ from nmgraph.capture import capture, set_eval, split_inputs
 from nmgraph.exporters import hf, serialize
 from nmgraph.exporters.onnx_export import FORMATS, export
 from nmgraph.passes.permute_channels import permute
+from nmgraph.pattern import is_nm
 from nmgraph.report import layer_stats, print_report
 from nmgraph.search import SEARCHES
 from nmgraph.training import convert
@@ -353,7 +354,6 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
         raise CLIError("--compressed, --method and --calibration apply to a Hugging Face model directory "
                        "(MODEL with a config.json)")
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
-    search = "none" if a.checkpoint and a.search is None else (a.search or "greedy")
     steps = _Steps(["load checkpoint", "capture", "analyze", "permute", "convert", "save"], "sparsify",
                    a.quiet)
     with steps.step("load checkpoint"):
@@ -363,6 +363,14 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
         gm = capture(loaded.model, loaded.args, loaded.kwargs)
     with steps.step("analyze"):
         plan = analyze(gm, a.pattern)
+    search = a.search or "greedy"
+    if a.search is None and a.checkpoint:
+        params = dict(loaded.model.named_parameters())
+        trained = [i for i in plan.layers if i.name in params and is_nm(params[i.name], plan.pattern, axis=i.axis)]
+        if trained and len(trained) == len(plan.layers):  # trained N:M: a permutation would undo nothing useful
+            search = "none"
+            print(f"nmgraph: note: --checkpoint {a.checkpoint} holds {plan.pattern} weights already: no "
+                  "permutation search (pass --search to force one)", file=sys.stderr)
     perm_report = None
     with steps.step("permute"):
         if search != "none" and plan.groups:
@@ -581,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     p.add_argument("--search", choices=SEARCHES, default=None,
-                   help="permutation search (default greedy; none with --checkpoint)")
+                   help="permutation search (default greedy; none for a --checkpoint whose weights are already N:M)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per permutation search")
     p.add_argument("--checkpoint", metavar="FILE|DIR",
                    help="trained weights: a state dict (.pt/.pth/.bin/.safetensors) or an nmgraph directory")
