@@ -466,7 +466,7 @@ class _Progress:
             return
         total = None if math.isinf(budget) else round(budget, 1)
         # The bar counts seconds of the budget: the call ends by then, so the ETA is an honest bound.
-        self.bar = tqdm(total=total, desc="permute", unit="s", leave=False,
+        self.bar = tqdm(total=total, desc="permute", unit="s", leave=False, disable=None,  # off when not a terminal
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}, {postfix}")
 
     def show(self, status: str | None = None) -> None:
