@@ -42,6 +42,8 @@ __all__ = ["GemvConfig", "default_config", "gemv_fast_path", "nm_gemv"]
 
 #: Largest ``m`` served by the select (fast) path.
 FAST_MAX_M = 16
+#: Streaming multiprocessors assumed when sizing the grid without a device (H100 SXM / H200).
+DEFAULT_SMS = 132
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,15 @@ class GemvConfig:
     """Meta-parameters of :func:`nm_gemv` (all powers of two).
 
     ``block_n``: rows of the weight per program; ``block_e``: kept entries per row and loop step (a
-    multiple of 32, so a step covers whole index words); ``num_warps``; ``num_stages`` (Triton's
-    software pipelining of the weight loads).
+    multiple of 32, so a step covers whole index words). A thread owns one 16-byte vector of a row
+    per step: ``block_e / VEC`` threads run along K, the other ``32 * num_warps * VEC / block_e`` lanes
+    and warps along rows, and ``block_n`` must be a multiple of that. ``num_warps``; ``num_stages``
+    (Triton's software pipelining; the loads of this loop are not pipelined by Triton 3.9, so
+    latency is hidden by running several programs per SM).
     """
 
-    block_n: int = 4
-    block_e: int = 1024
+    block_n: int = 16
+    block_e: int = 256
     num_warps: int = 4
     num_stages: int = 1
 
@@ -68,6 +73,21 @@ class GemvConfig:
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise UnsupportedError(f"GemvConfig.num_stages={self.num_stages!r} must be an int >= 1.")
 
+    def check(self, vec: int) -> None:
+        """Raises if the tile does not fit the thread layout for ``vec`` entries per 16-byte vector."""
+        threads_k = self.block_e // vec
+        if self.block_e < vec or threads_k > 32 * self.num_warps:
+            raise UnsupportedError(
+                f"GemvConfig(block_e={self.block_e}) needs between {vec} and {32 * self.num_warps * vec} "
+                f"kept entries per step for {vec} entries per thread and num_warps={self.num_warps}."
+            )
+        rows_per_rep = 32 * self.num_warps // threads_k
+        if self.block_n % rows_per_rep:
+            raise UnsupportedError(
+                f"GemvConfig(block_n={self.block_n}) must be a multiple of {rows_per_rep} (the rows that "
+                f"32 * num_warps threads cover with block_e={self.block_e})."
+            )
+
 
 def gemv_fast_path(n: int, m: int, dtype: torch.dtype) -> bool:
     """Whether ``n:m`` in ``dtype`` takes the select path (else the general gather path)."""
@@ -75,17 +95,30 @@ def gemv_fast_path(n: int, m: int, dtype: torch.dtype) -> bool:
     return n & (n - 1) == 0 and vec % n == 0 and m & (m - 1) == 0 and m <= FAST_MAX_M
 
 
-def default_config(n_out: int, k: int, dtype: torch.dtype) -> GemvConfig:
-    """Tile choice: enough programs to fill a large GPU, the loop step within one K row.
+def default_config(n_out: int, k: int, dtype: torch.dtype, *, sms: int = DEFAULT_SMS) -> GemvConfig:
+    """Tiles for a call, chosen with ``benchmarks/kernel_static.py`` (estimates, no GPU yet).
 
-    Used when no ``config`` is given (and always under the interpreter, with small tiles).
+    Each thread owns a 16-byte vector of 2 or 4 rows per step. The grid should fit on the GPU in one
+    round (programs that start together find the memory pipe empty, so every extra round costs one
+    more DRAM latency) with as many programs per SM as possible (they hide each other's latency):
+
+    * ``N <= 14 * sms * 4`` (7392 on 132 SMs): 4 rows, 2 warps, 2 rows per thread (~70 registers, 14
+      programs per SM);
+    * ``N <= 4 * sms * 32`` (16896): 32 rows, 4 warps, 4 rows per thread (~125 registers, 4 per SM);
+    * larger: 64 rows, 4 warps.
+
+    ``k`` does not change the choice (the K loop runs inside a program). Under the interpreter the
+    tiles are small.
     """
-    if interpreting():
-        return GemvConfig(block_n=4, block_e=64, num_warps=1, num_stages=1)
+    del k
     vec = 16 // torch.empty((), dtype=dtype).element_size()
-    block_e = 128 * vec  # 4 warps x 32 lanes x one 16-byte vector
-    block_n = 4 if n_out >= 4096 else 2
-    return GemvConfig(block_n=block_n, block_e=block_e, num_warps=4, num_stages=1)
+    if interpreting():
+        return GemvConfig(block_n=64 // vec, block_e=64, num_warps=1, num_stages=1)
+    if n_out <= 14 * sms * 4:
+        return GemvConfig(block_n=4, block_e=32 * vec, num_warps=2)
+    if n_out <= 4 * sms * 32:
+        return GemvConfig(block_n=32, block_e=16 * vec, num_warps=4)
+    return GemvConfig(block_n=64, block_e=8 * vec, num_warps=4)
 
 
 @functools.cache
@@ -126,8 +159,8 @@ def nm_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     vec = 16 // x.element_size()
+    cfg.check(vec)
     fast = gemv_fast_path(weight.n, weight.m, x.dtype)
-    block_e = max(cfg.block_e, vec)
     m_per_prog = 1 if m_rows == 1 else 2
     ns = _kernels(interpreting())
     grid = (ns.cdiv(n_out, cfg.block_n), ns.cdiv(m_rows, m_per_prog))
@@ -138,7 +171,7 @@ def nm_gemv(
         x2.stride(0), out.stride(0),
         NM_N=weight.n, NM_M=weight.m, BITS=weight.bits, VEC=vec,
         M_ROWS=m_per_prog, FAST=fast, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_E=block_e, **extra,
+        BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, NUM_WARPS=cfg.num_warps, **extra,
     )
     return out.view(*lead, n_out)
 
