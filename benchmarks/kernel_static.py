@@ -383,8 +383,8 @@ def cases(quick: bool = False) -> list[Case]:
                             tile_rows=64, tile_k=bk, block_m=bm))
     if not quick:
         for n, m in [(2, 8), (1, 8)]:
-            out.append(Case(f"mma_{n}of{m}_BM16_bn64_bk16_generic", "mma", n, m, "fp16", 16, 4, 4,
-                            tile_rows=64, tile_k=16, block_m=16))
+            out.append(Case(f"mma_{n}of{m}_BM16_bn64_bk64_generic", "mma", n, m, "fp16", 16, 4, 4,
+                            tile_rows=64, tile_k=64, block_m=16))
     # The old kernel: its small-M autotune tiles (split-K via atomics: + zero-fill + cast kernels).
     for n, m in [(2, 4), (1, 4)] if quick else [(2, 4), (1, 4), (1, 8)]:
         for rows in (1, 16):

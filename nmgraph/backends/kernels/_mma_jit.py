@@ -204,7 +204,7 @@ def nm_mma_kernel(
                 acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(wt, xt, acc, input_precision=DOT_PRECISION)
-        if t_end > n_full:
+        if (t_begin <= n_full) & (t_end > n_full):  # this split holds the partial last tile
             wt = _fast_tile(values_ptr, words_ptr, prow, c, gg, n_full, KEPT_PAD, WSTRIDE,
                             NM_N, BLOCK_K, GT, True, w_dtype)
             xt = _x_tile(x_ptr, offs_m, M, stride_xm, n_full * BLOCK_K, K, BLOCK_K, True, NM_M, MP2, True)
@@ -222,7 +222,7 @@ def nm_mma_kernel(
                 acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(wt, xt.to(w_dtype), acc, input_precision=DOT_PRECISION)
-        if t_end > n_full:
+        if (t_begin <= n_full) & (t_end > n_full):  # this split holds the partial last tile
             wt = _generic_tile(values_ptr, words_ptr, rows, n_full * KSTEP, K, KEPT_PAD, WSTRIDE,
                                NM_N, NM_M, BITS, MP2, BLOCK_K, True, w_dtype)
             xt = _x_tile(x_ptr, offs_m, M, stride_xm, n_full * KSTEP, K, BLOCK_K, False, NM_M, MP2, True)

@@ -46,7 +46,7 @@ class MmaConfig:
     ``block_n``: weight rows per program (a multiple of 64 on the fast path); ``block_m``: rows of
     ``x`` per program (``None``: :func:`m_bucket`); ``block_k``: dense K per step (``None``: 64 for
     2:4, 128 for 1:4, so one step reads one 32-entry index chunk per row; generic path: ``2 m``
-    rounded to a power of two, at least 16); ``split_k``: programs sharing one output tile along K
+    rounded to a power of two, at least 64); ``split_k``: programs sharing one output tile along K
     (needs ``semaphores``); ``num_warps`` (4 on the fast path: one warpgroup); ``num_stages``.
     """
 
@@ -84,7 +84,7 @@ def _block_k(n: int, m: int, dtype: torch.dtype) -> int:
     if mma_fast_path(n, m, dtype):
         return 64 if n == 2 else 128
     mp2 = 1 << (m - 1).bit_length()
-    return max(16, 2 * mp2)
+    return max(64, 2 * mp2)
 
 
 def default_config(n_out: int, k: int, m_rows: int, n: int, m: int, dtype: torch.dtype, *,

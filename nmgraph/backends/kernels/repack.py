@@ -191,6 +191,12 @@ def repack(weight: CompressedNM) -> PackedNM:
     kept_pad = _round_up(kept, CHUNK)
     values = weight.values
     idx = weight.unpack_indices()  # [rows, kept] int64
+    if p.n > 1 and kept and not bool((idx.view(rows, -1, p.n).diff(dim=-1) > 0).all()):
+        raise SerializationError(
+            f"repack: the {p} weight of shape {weight.shape} has a group whose kept indices are not strictly "
+            "increasing (nmgraph.compress always sorts them); the kernels rely on that order. Rebuild it "
+            "with nmgraph.compress(weight.to_dense(), pattern)."
+        )
     if kept_pad != kept:
         values = torch.nn.functional.pad(values, (0, kept_pad - kept))
         idx = torch.nn.functional.pad(idx, (0, kept_pad - kept))
