@@ -622,14 +622,21 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="", help="compile only cases whose name contains this")
+    ap.add_argument("--only", default="", help="compile only cases whose name contains one of these "
+                    "comma-separated substrings")
     ap.add_argument("--quick", action="store_true", help="only the configs the done-when targets name")
     ap.add_argument("--json", type=Path, help="write every count and prediction here")
     ap.add_argument("--sass-dir", type=Path, help="keep SASS / PTX / TTGIR per case here")
     a = ap.parse_args(argv)
     import tempfile
 
-    selected = [c for c in cases(a.quick) if a.only in c.name]
+    from nmgraph.backends.kernels._common import interpreting
+
+    if interpreting():
+        raise SystemExit("kernel_static.py compiles for sm_90: unset TRITON_INTERPRET (the interpreter replaces "
+                         "the kernels it would compile).")
+    wanted = [w for w in a.only.split(",") if w] or [""]
+    selected = [c for c in cases(a.quick) if any(w in c.name for w in wanted)]
     with tempfile.TemporaryDirectory() as tmp:
         records = run(selected, a.sass_dir or Path(tmp))
     v = versions()
