@@ -81,7 +81,7 @@ def test_matches_float64_reference(pattern, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8"])
+@pytest.mark.parametrize("pattern", ["2:4", "2:8"])
 def test_split_k_reduction_in_one_launch(pattern):
     m = int(pattern.split(":")[1])
     w, p = _weight(130, 40 * m + 3 * m, pattern, torch.float16, 5)
