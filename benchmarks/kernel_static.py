@@ -35,7 +35,8 @@ Model (per kernel call, one GPU, one corner):
   ``L / (S - 1)``; an SM holds ``c`` CTAs (registers, shared memory, 64 warps) and overlaps them;
 * time = ``max(weight bytes / (BW * eta_mem), busiest SM: tiles * max(compute period, (L_wait +
   compute period) / c))`` + ``rounds * L`` (the CTAs that start together in one round of ``c`` per SM
-  find the memory pipe empty: one latency per round) + split-K epilogue (``L`` + partial reads) + one
+  find the memory pipe empty: one latency per round) + drain (one tile computed by its CTA alone, then
+  ``L / 2`` for the result store) + split-K epilogue (``L`` + partial reads) + one
   launch ``t0`` per kernel (the old kernel's small-M path adds two ``t_small`` kernels: the
   ``torch.zeros`` fill and the fp32 -> fp16 cast);
 * dense (cuBLAS at decode sizes, memory-bound): ``t0 + N * K * 2 / (BW * eta_dense)``.
@@ -446,7 +447,9 @@ def predict(rec: dict, n_out: int, k: int, m_rows: int, hw: dict, p: dict, *, sp
     epi = 0.0
     if split > 1 and c["kind"] == "mma":
         epi = lat + split * c["tile_rows"] * c["block_m"] * 4 / 64  # semaphore round trip + partial reads
-    kernel_s = max(dram_s, sm_cycles / clk) + (rounds * lat + epi) / clk
+    # Drain: the last tile of the last CTA is computed by that CTA alone, then its result is stored.
+    drain = w * st["instr"] / min(w, 4) / eta + lat / 2
+    kernel_s = max(dram_s, sm_cycles / clk) + (rounds * lat + drain + epi) / clk
     if dram_s * clk >= sm_cycles:
         bound = "dram"
     elif (wait + compute) / conc > compute:
@@ -561,7 +564,7 @@ def tables(records: dict) -> str:
     for (n, m) in [(2, 4), (1, 4)] + ([(1, 8)] if any(r["case"]["m"] == 8 for r in records.values()) else []):
         for gpu, hw in HW.items():
             for n_out, k in SHAPES:
-                for m_rows in (1, 16, 64):
+                for m_rows in (1, 2, 4, 16, 64):
                     kind = "gemv" if m_rows <= 2 else "mma"
                     row = {}
                     for cname, p in CORNERS.items():
