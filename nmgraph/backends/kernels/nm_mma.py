@@ -89,7 +89,7 @@ def _block_k(n: int, m: int, dtype: torch.dtype) -> int:
 
 def default_config(n_out: int, k: int, m_rows: int, n: int, m: int, dtype: torch.dtype, *,
                    split_ok: bool = True, sms: int = DEFAULT_SMS) -> MmaConfig:
-    """Tiles for a call: ``BLOCK_M`` by bucket; split K until about two programs per SM exist.
+    """Tiles for a call: ``BLOCK_M`` by bucket; K split so the busiest SM has the least work.
 
     ``split_ok``: whether semaphores are available (else ``split_k = 1``). Under the interpreter the
     tiles are the smallest legal ones and K is split in two when possible (so tests cover the
@@ -106,8 +106,12 @@ def default_config(n_out: int, k: int, m_rows: int, n: int, m: int, dtype: torch
     tiles = math.ceil(n_out / bn) * math.ceil(m_rows / bm)
     split = 1
     if split_ok:
-        while tiles * split < 2 * sms and split * 2 <= k_tiles // 4:
-            split *= 2
+        # Splits that leave every program >= 8 K steps; among those giving >= 1.5 programs per SM (to
+        # hide latency), the least work on the busiest SM (programs per SM x K steps per program);
+        # ties go to the smaller split (less partial-sum traffic).
+        allowed = [s for s in (1, 2, 4, 8, 16) if k_tiles // s >= 8] or [1]
+        enough = [s for s in allowed if 2 * tiles * s >= 3 * sms] or [allowed[-1]]
+        split = min(enough, key=lambda s: (math.ceil(tiles * s / sms) * math.ceil(k_tiles / s), s))
     return MmaConfig(block_n=bn, block_m=bm, block_k=bk, split_k=split, num_warps=4, num_stages=4)
 
 
