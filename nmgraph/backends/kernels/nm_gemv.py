@@ -16,8 +16,8 @@ and, for every row of its tile, multiplies each kept value by the activation it 
   assembled from its bits and the activation is loaded from L1 (``x`` is a few KB and stays cached).
 
 One kernel launch per call: the bias is fused, the result is stored in the activation dtype, the
-K reduction of a row stays inside one program (split over the program's warps, reduced in shared
-memory at the end), so there is no fp32 buffer, no zero-fill and no cast kernel. Rows of ``x``
+K reduction of a row stays inside one program (split over the program's threads along K and reduced
+across them once, at the end), so there is no fp32 buffer, no zero-fill and no cast kernel. Rows of ``x``
 beyond two are a second grid axis (pairs of rows): correct for any ``M``, but each pair reads the
 whole weight again, so this kernel serves ``M <= 2``; use :mod:`~nmgraph.backends.kernels.nm_mma`
 above that.
