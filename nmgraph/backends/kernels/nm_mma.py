@@ -159,8 +159,10 @@ def nm_mma(
     m_rows, k = check_call("nm_mma", x, weight, bias)
     n_out = weight.rows
     if config is None:
-        cfg = default_config(n_out, k, max(m_rows, 1), weight.n, weight.m, x.dtype,
-                             split_ok=semaphores is not None)
+        # Split only when the semaphores cover every output tile of this call (64-row tiles).
+        tiles = math.ceil(n_out / 64) * math.ceil(max(m_rows, 1) / m_bucket(max(m_rows, 1)))
+        split_ok = semaphores is not None and semaphores.numel() >= tiles
+        cfg = default_config(n_out, k, max(m_rows, 1), weight.n, weight.m, x.dtype, split_ok=split_ok)
     else:
         cfg = _as_config(config)
     fast = mma_fast_path(weight.n, weight.m, x.dtype)

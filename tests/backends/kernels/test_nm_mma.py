@@ -117,6 +117,16 @@ def test_buckets_and_defaults():
     assert cfg.split_k >= 1
 
 
+@needs_kernel
+def test_default_call_with_small_semaphores_does_not_split():
+    # 300 rows of x make 5 tiles of 64; semaphores sized for M <= 64 cover only one: no split.
+    w, p = _weight(64, 64, "2:4", torch.float16, 4)
+    x, _ = _inputs(300, 64, 64, torch.float16, 4, bias=False)
+    sem = mma_semaphores(64, DEVICE)
+    _check(nm_mma(x, p, semaphores=sem), x, w, None, torch.float16)
+    assert not sem.any()
+
+
 def test_errors():
     _, p = _weight(64, 64, "2:4", torch.float16, 1)
     x = torch.randn(4, 64, dtype=torch.float16, device=DEVICE)
