@@ -120,8 +120,8 @@ def test_buckets_and_defaults():
 @needs_kernel
 def test_default_call_with_small_semaphores_does_not_split():
     # 300 rows of x make 5 tiles of 64; semaphores sized for M <= 64 cover only one: no split.
-    w, p = _weight(64, 64, "2:4", torch.float16, 4)
-    x, _ = _inputs(300, 64, 64, torch.float16, 4, bias=False)
+    w, p = _weight(64, 256, "2:4", torch.float16, 4)
+    x, _ = _inputs(300, 256, 64, torch.float16, 4, bias=False)
     sem = mma_semaphores(64, DEVICE)
     _check(nm_mma(x, p, semaphores=sem), x, w, None, torch.float16)
     assert not sem.any()
