@@ -6,14 +6,14 @@ triton, onnx, tensorrt) load on first use.
 
 from __future__ import annotations
 
+from nmgraph._version import __version__
 from nmgraph.analysis import analyze
+from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
-from nmgraph.deploy import (
-    CompiledModule,
-    compile,
-)
+from nmgraph.deploy import CompiledModule, CompileOptions, compile
 from nmgraph.errors import (
+    ArgumentError,
     BackendUnavailableError,
     CaptureError,
     NMGraphError,
@@ -25,22 +25,23 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
-from nmgraph.export import ExportReport, export
+from nmgraph.exporters.onnx_export import ExportReport, export
+from nmgraph.exporters.serialize import load, save
+from nmgraph.graph import GraphRecord, graph_record
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.permutation_search import SearchResult, kept_score, search_permutation
-from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
-from nmgraph.serialize import load, save
+from nmgraph.search import SearchResult, kept_score, search_permutation
 from nmgraph.training import SparsityCallback, convert, prepare
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "CaptureError",
+    "CompileOptions",
     "CompiledModule",
     "CompressedNM",
     "ExportReport",
+    "GraphRecord",
     "LayerInfo",
     "Member",
     "NMGraphError",
@@ -65,6 +66,7 @@ __all__ = [
     "compress",
     "convert",
     "export",
+    "graph_record",
     "is_nm",
     "kept_score",
     "load",

@@ -9,16 +9,19 @@ optimizer built on the model trains the graph and vice versa.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree
 
-from nmgraph.errors import CaptureError
+from nmgraph.errors import CaptureError, UnsupportedError
+from nmgraph.graph import GraphRecord, graph_record, set_attr, set_graph_record
 
-__all__ = ["capture"]
+__all__ = ["batch_dynamic_shapes", "capture", "set_eval", "split_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def capture(
         raise CaptureError(
             f"capture(method={method!r}) is not one of 'auto', 'export', 'symbolic_trace'."
         )
-    if isinstance(model, fx.GraphModule) and method == "auto" and _is_captured(model):
+    if isinstance(model, fx.GraphModule) and method == "auto" and graph_record(model) is not None:
         return model
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
@@ -79,13 +82,8 @@ def capture(
 
 def _finish(gm: fx.GraphModule, model: torch.nn.Module, how: str, args: tuple, kwargs: dict) -> fx.GraphModule:
     _share_tensors(gm, model)
-    gm.meta["nmgraph_capture"] = how
-    gm.meta["nmgraph_example_inputs"] = (args, kwargs)
+    set_graph_record(gm, GraphRecord(captured_by=how, example_args=args, example_kwargs=kwargs))
     return gm
-
-
-def _is_captured(gm: fx.GraphModule) -> bool:
-    return "nmgraph_capture" in gm.meta
 
 
 def _first_lines(e: BaseException, n: int = 6) -> str:
@@ -101,19 +99,46 @@ def _share_tensors(gm: fx.GraphModule, model: torch.nn.Module) -> None:
     for name, p in list(gm.named_parameters(remove_duplicate=False)):
         own = params.get(name)
         if own is not None and own is not p and own.shape == p.shape:
-            _set_attr(gm, name, own, is_param=True)
+            set_attr(gm, name, own, is_param=True)
     for name, b in list(gm.named_buffers(remove_duplicate=False)):
         own = buffers.get(name)
         if own is not None and own is not b and own.shape == b.shape:
-            _set_attr(gm, name, own, is_param=False)
+            set_attr(gm, name, own, is_param=False)
 
 
-def _set_attr(root: torch.nn.Module, qualname: str, value: torch.Tensor, *, is_param: bool) -> None:
-    *path, leaf = qualname.split(".")
-    mod = root
-    for part in path:
-        mod = getattr(mod, part)
-    if is_param:
-        mod._parameters[leaf] = value
-    else:
-        mod._buffers[leaf] = value
+def set_eval(module: torch.nn.Module) -> None:
+    """``module.eval()``, also for graphs from ``torch.export`` that refuse it (the flags are set directly)."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        torch.nn.Module.train(module, False)
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from example inputs given as a tensor, a tuple/list, a dict of keyword
+    inputs, or an ``(args, kwargs)`` pair."""
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(
+            example_inputs[1], Mapping) and isinstance(example_inputs[0], (tuple, list)):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
+
+
+def batch_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``dynamic_shapes`` for ``torch.export`` with axis 0 of every tensor input a shared dynamic batch."""
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(x: Any) -> Any:
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+    if not kwargs:
+        return tuple(_pytree.tree_map(spec, a) for a in args)
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise UnsupportedError(
+            f"dynamic_batch=True: cannot match the example inputs to {type(module).__name__}.forward's "
+            f"parameters ({e}); pass all inputs positionally."
+        ) from e
+    return {k: _pytree.tree_map(spec, v) for k, v in bound.arguments.items()}

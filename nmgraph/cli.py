@@ -4,7 +4,7 @@ Models come from (the positional ``MODEL`` argument, or ``--hf-config``):
 
 * a Python factory ``pkg.module:function`` or ``path/to/file.py:function`` returning a model or
   ``(model, example_inputs)`` (the current directory is importable);
-* a directory written by ``nmgraph sparsify`` / :func:`nmgraph.serialize.save`;
+* a directory written by ``nmgraph sparsify`` / :func:`nmgraph.exporters.serialize.save`;
 * ``--hf-config NAME`` (a small preset: bert, gpt2, llama, vit, resnet) or ``--hf-config
   config.json``: a transformers model with random weights, built offline.
 
@@ -30,12 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmgraph import report
+from nmgraph.analysis import analyze
+from nmgraph.capture import capture, set_eval, split_inputs
+from nmgraph.exporters import serialize
+from nmgraph.exporters.onnx_export import FORMATS, export
+from nmgraph.passes.permute_channels import permute
+from nmgraph.report import layer_stats, print_report
+from nmgraph.search import SEARCHES
+from nmgraph.training import convert
+
 __all__ = ["HF_PRESETS", "LoadedModel", "build_parser", "load_model", "main"]
 
 log = logging.getLogger("nmgraph.cli")
 
-SEARCHES = ("none", "random", "greedy", "exhaustive")
-FORMATS = ("onnx", "tensorrt")
 BENCHMARKS = ("gemm", "e2e")
 
 # Small transformers configs (random weights): name -> (config class, model class, config kwargs, input).
@@ -132,14 +140,8 @@ def _factory_model(spec: str) -> LoadedModel:
     if not (isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
         raise CLIError(f"factory {spec!r} must return (model, example_inputs), got {type(made).__name__}")
     model, inputs = made
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     return LoadedModel(model.eval(), args, kwargs, {"kind": "factory", "spec": spec})
-
-
-def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
-    from nmgraph.serialize import _split_inputs as split
-
-    return split(inputs)
 
 
 def _hf_model(name: str, *, batch: int, seq: int) -> LoadedModel:
@@ -198,7 +200,6 @@ def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedMod
 def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
     """A saved directory: rebuilt from its recorded source (a real module: fp16 and new shapes
     work), else from its torch.export program."""
-    from nmgraph import serialize
 
     saved = serialize.read_saved(path)
     source = saved.metadata.get("source") or {}
@@ -219,15 +220,14 @@ def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
         if not saved.has_program:
             raise CLIError(
                 f"{str(path)!r} has no saved program and no recorded model source; load it in Python "
-                "with nmgraph.serialize.load(path, model)"
+                "with nmgraph.exporters.serialize.load(path, model)"
             )
         model = serialize.load(path)
     if inputs is None:
         raise CLIError(f"{str(path)!r} has no saved example inputs; re-save with example_inputs=")
     args, kwargs = inputs
-    from nmgraph.export import _set_eval
 
-    _set_eval(model)
+    set_eval(model)
     return LoadedModel(model, args, kwargs, source, saved)
 
 
@@ -266,14 +266,11 @@ def _emit_json(obj: Any) -> None:
 
 
 def _print(obj: Any) -> None:
-    from nmgraph.report import print_report
 
     print_report(obj)
 
 
 def _analyze(loaded: LoadedModel, pattern: str) -> tuple[Any, Any]:
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
 
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
     return gm, analyze(gm, pattern)
@@ -283,7 +280,6 @@ def _analyze(loaded: LoadedModel, pattern: str) -> tuple[Any, Any]:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from nmgraph import report
 
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     steps = _Steps(["capture + analyze", "permute", "plot"] if a.plot else ["capture + analyze"],
@@ -314,10 +310,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> list[Any]:
     """Kept magnitude identity vs permuted, measured on a copy (the loaded model is unchanged)."""
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
-    from nmgraph.passes.permute_channels import permute
-    from nmgraph.report import layer_stats
 
     if a.search == "none":
         return layer_stats(loaded.model, plan)
@@ -332,11 +324,6 @@ def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> li
 def cmd_sparsify(a: argparse.Namespace) -> int:
     import torch
 
-    from nmgraph import report, serialize
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
-    from nmgraph.passes.permute_channels import permute
-    from nmgraph.training import convert
 
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     search = "none" if a.checkpoint and a.search is None else (a.search or "greedy")
@@ -381,7 +368,6 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
 def _load_checkpoint(model: Any, path: str) -> None:
     import torch
 
-    from nmgraph import serialize
 
     file = Path(path)
     if file.is_dir():
@@ -416,7 +402,6 @@ def _load_checkpoint(model: Any, path: str) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from nmgraph.export import export
 
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     plan = loaded.saved.plan if loaded.saved is not None else None

@@ -9,24 +9,91 @@ since they change the model's own parameters in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import fx
 
+from nmgraph.analysis import analyze
+from nmgraph.backends import backend_names
+from nmgraph.backends.dispatch import Dispatcher
 from nmgraph.capture import capture
-from nmgraph.errors import UnsupportedError
+from nmgraph.errors import BackendUnavailableError, UnsupportedError
+from nmgraph.exporters.tensorrt import compile_torch_tensorrt, require_tensorrt
+from nmgraph.graph import fetch_attr
+from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
+from nmgraph.passes.permute_channels import permute
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
+from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike
-from nmgraph.plan import Skip
+from nmgraph.rollback import Rollback
+from nmgraph.search import SEARCHES
+from nmgraph.training import prepare, without_dropout
+from nmgraph.validate import check_plan_finite, check_seed, check_time_limit
 
-__all__ = ["CompiledModule", "compile", "nmgraph_backend"]
+__all__ = ["CompileOptions", "CompiledModule", "compile", "nmgraph_backend"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cusparselt", "eager", "dense", "tensorrt")
 MODES = ("inference", "train")
+
+
+def compile_backends() -> tuple[str, ...]:
+    """``backend`` values of :func:`compile`: ``"auto"``, every registered backend, ``"eager"`` and ``"tensorrt"``."""
+    return ("auto", *backend_names(), "eager", "tensorrt")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The options of :func:`compile` (and of ``torch.compile(..., backend="nmgraph", options=...)``).
+
+    ``permute``: reorder channels before pruning; ``search``, ``seed``, ``time_limit``, ``progress``:
+    the permutation search; ``include`` / ``exclude``: name patterns for the plan; ``strict``: raise
+    instead of leaving a layer dense; ``method``: the training method of ``mode="train"``;
+    ``dispatcher`` or ``cache_path``: the per-layer backend measurements (a persistent JSON cache);
+    ``inductor``: compile the lowered graph with inductor (positional inputs only);
+    ``tensorrt_options``: keyword arguments of Torch-TensorRT.
+    """
+
+    permute: bool = True
+    search: str = "greedy"
+    seed: int = 0
+    time_limit: float | None = None
+    progress: bool = False
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    strict: bool = False
+    method: Any = "sr-ste"
+    dispatcher: Dispatcher | None = None
+    cache_path: Any = None
+    inductor: bool = False
+    tensorrt_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise UnsupportedError(f"nmgraph.compile(search={self.search!r}) is not one of {', '.join(SEARCHES)}.")
+        check_seed(self.seed, "nmgraph.compile")
+        check_time_limit(self.time_limit, "nmgraph.compile")
+        if self.dispatcher is not None and not isinstance(self.dispatcher, Dispatcher):
+            raise UnsupportedError(
+                f"nmgraph.compile(dispatcher=...) must be an nmgraph.backends.dispatch.Dispatcher, got "
+                f"{type(self.dispatcher).__name__}."
+            )
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], where: str = "nmgraph.compile",
+                  also: Sequence[str] = ()) -> CompileOptions:
+        """Builds the options; an unknown name is an error that lists the valid ones (and ``also``)."""
+        valid = [*also, *(f.name for f in fields(cls))]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise UnsupportedError(
+                f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid)}."
+            )
+        return cls(**options)
 
 
 @dataclass
@@ -64,7 +131,8 @@ def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
 class CompiledModule(torch.nn.Module):
     """The result of :func:`nmgraph.compile`: call it like the original model."""
 
-    def __init__(self, model: torch.nn.Module, pattern: Pattern, backend: str, mode: str, options: dict) -> None:
+    def __init__(self, model: torch.nn.Module, pattern: Pattern, backend: str, mode: str,
+                 options: CompileOptions) -> None:
         super().__init__()
         self.model = model
         self.pattern = pattern
@@ -87,60 +155,67 @@ class CompiledModule(torch.nn.Module):
     def _build(self, args, kwargs, sig, *, lowered_only: bool = False) -> Any:
         """Runs the pipeline for one input signature; returns what calls with it run (or, with
         ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
-        from nmgraph.analysis import analyze
-        from nmgraph.passes.permute_channels import permute
-
         opts = self.options
         if self.mode == "train":
-            from nmgraph.training import prepare
-
-            return prepare(self.model, args, self.pattern, method=opts.get("method", "sr-ste"),
-                           permute=opts.get("permute", True), kwargs=kwargs)
-        from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
-        from nmgraph.training import convert
-
+            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
-            from nmgraph.tensorrt import require_tensorrt
-
             require_tensorrt("torch_tensorrt")
         gm = capture(self.model, args, kwargs)
-        plan = analyze(gm, self.pattern, include=opts.get("include", ()), exclude=opts.get("exclude", ()))
+        plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
+        if self._dispatcher is None and self.backend != "tensorrt":
+            self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
+        self._check_backend(gm, plan)
+        check_plan_finite(gm, plan)
+        # permute, prune and lower change the model's own tensors: all of it, or none of it
+        with Rollback() as undo:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+            permuted = None
+            if not self._sparsified and opts.permute:
+                with without_dropout(gm):  # verified with dropout off
+                    permuted = permute(gm, plan, search=opts.search, seed=opts.seed,
+                                       time_limit=opts.time_limit, progress=opts.progress)
+            run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+            try:
+                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only)
+            except BaseException:
+                self.report.lowerings.pop(sig, None)
+                self.report.runs.pop(sig, None)
+                raise
         if not self._sparsified:
-            if opts.get("permute", True):
-                self.report.permute = permute(gm, plan, search=opts.get("search", "greedy"),
-                                              seed=opts.get("seed", 0), time_limit=opts.get("time_limit"),
-                                              progress=opts.get("progress", False))
+            self.report.permute = permuted
             self.report.plan = plan
-        gm = convert(gm, self.pattern, plan=plan)
         self._sparsified = True
+        return runner
+
+    def _check_backend(self, gm: fx.GraphModule, plan: Any) -> None:
+        """Refuses, before any weight changes, a backend that cannot run on the weights' device (other
+        failures, ``strict=True`` included, are undone by the rollback)."""
+        if self.backend in ("auto", "eager", "tensorrt"):
+            return
+        devices = {fetch_attr(gm, info.name).device for info in plan.layers} or {torch.device("cpu")}
+        backend = self._dispatcher.registry.get(self.backend)
+        for device in devices:
+            reason = backend.device_reason(device) if backend.sparse else None
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"nmgraph.compile(backend={self.backend!r}) cannot run on {device}: {reason}. Nothing "
+                    "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
+                )
+
+    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool) -> Any:
+        opts = self.options
         if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
-            from nmgraph.tensorrt import compile_torch_tensorrt
-
-            return compile_torch_tensorrt(gm, list(args), **opts.get("tensorrt_options", {}))
-        weights = {i.name: i.axis for i in plan.layers
-                   if i.op in ("linear", "addmm") or (i.op in ("matmul", "mm") and i.axis == 1)}  # x @ W.T
-        backend = "eager" if self.backend == "eager" else self.backend
-        if self._dispatcher is None:
-            from nmgraph.backends.dispatch import Dispatcher
-
-            self._dispatcher = opts.get("dispatcher") or Dispatcher(cache_path=opts.get("cache_path"))
-        result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=backend,
-                                                      dispatcher=self._dispatcher,
-                                                      strict=opts.get("strict", False)))
-        for info in plan.layers:  # pruned, but no sparse kernel reads this op: say so
-            if info.name not in weights:
-                why = (f"{info.op} ({info.node}): nmgraph has no sparse kernel for this op; it runs its folded "
-                       f"{self.pattern} weight densely")
-                if opts.get("strict", False):
-                    from nmgraph.errors import StrictModeError
-
-                    raise StrictModeError(f"{info.name}: {why}. Pass strict=False to accept dense execution.")
-                result.skipped.append(Skip(info.name, why))
+            return compile_torch_tensorrt(gm, list(args), **dict(opts.tensorrt_options))
+        # every eligible weight: lower_linears lowers what a sparse kernel can read and reports the rest
+        weights = {i.name: i.axis for i in plan.layers}
+        result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=self.backend,
+                                                      dispatcher=self._dispatcher, strict=opts.strict))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
         if lowered_only:
             return result.gm
-        if opts.get("inductor", False):
+        if opts.inductor:
             if kwargs:
                 raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
                                        "compiled module without keyword arguments or leave inductor off.")
@@ -167,24 +242,24 @@ def compile(
 ) -> CompiledModule:
     """Makes ``model`` N:M sparse and fast; lazy like ``torch.compile`` (captures on first call).
 
-    ``backend``: ``"auto"`` (per layer the fastest of dense, Triton and cuSPARSELt, measured on the
+    ``backend``: ``"auto"`` (per layer the fastest of the registered backends, measured on the
     device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights),
     ``"tensorrt"`` (Torch-TensorRT with ``sparse_weights=True``; needs ``nmgraph[tensorrt]`` and an
     NVIDIA GPU, else :class:`BackendUnavailableError` says what to install).
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
-    Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``progress``, ``include``,
-    ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of
-    the per-layer backend measurements), ``inductor`` (compile the lowered graph with inductor,
-    which removes the per-node Python overhead of the captured graph; positional inputs only). ``result.report`` tells what was done after the first call.
+    ``options`` are the fields of :class:`CompileOptions` (an unknown name is an error listing the
+    valid ones); ``inductor=True`` compiles the lowered graph with inductor, which removes the
+    per-node Python overhead of the captured graph. ``result.report`` tells what was done after the
+    first call.
     """
     p = Pattern.parse(pattern)
-    if backend not in BACKENDS:
-        raise UnsupportedError(f"nmgraph.compile(backend={backend!r}) is not one of {BACKENDS}.")
+    if backend not in compile_backends():
+        raise UnsupportedError(f"nmgraph.compile(backend={backend!r}) is not one of {', '.join(compile_backends())}.")
     if mode not in MODES:
         raise UnsupportedError(f"nmgraph.compile(mode={mode!r}) is not one of {MODES}.")
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedError(f"nmgraph.compile needs a torch.nn.Module, got {type(model).__name__}.")
-    return CompiledModule(model, p, backend, mode, dict(options))
+    return CompiledModule(model, p, backend, mode, CompileOptions.from_dict(options))
 
 
 def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
@@ -219,6 +294,8 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     pattern = options.pop("pattern", "2:4")
     backend = options.pop("backend", "auto")
     use_inductor = options.pop("inductor", True)
+    CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
+                             also=("pattern", "backend"))
     bound, real_idx = _bind_parameters(gm, example_inputs)
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]

@@ -7,6 +7,7 @@ layer, the rule that was violated and the fix to try.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "CaptureError",
     "NMGraphError",
@@ -22,6 +23,13 @@ __all__ = [
 
 class NMGraphError(Exception):
     """Base class of every error raised by nmgraph."""
+
+
+class ArgumentError(NMGraphError, ValueError, TypeError):
+    """An argument of a public call has the wrong type or value; the message names it and the fix.
+
+    It is both a ``ValueError`` and a ``TypeError``, so code written for either keeps catching it.
+    """
 
 
 class PatternError(NMGraphError, ValueError):

@@ -1,9 +1,9 @@
 """Readable tables, JSON and plots of what nmgraph decided and did.
 
 Every result renders the same two ways: :func:`render` (a ``rich`` table, as text or to a console)
-and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.plan.SparsityPlan` (analyze),
+and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.analysis.plan.SparsityPlan` (analyze),
 the permute report, a converted graph (:func:`convert_summary`), the export report, the ONNX
-eligibility report and a saved directory (:class:`~nmgraph.serialize.SavedModel`).
+eligibility report and a saved directory (:class:`~nmgraph.exporters.serialize.SavedModel`).
 
 :func:`layer_stats` measures, per weight, the magnitude N:M pruning keeps in the original channel
 order and after permutation, and the sparsity; :func:`plot_layers` draws them with matplotlib (Agg
@@ -24,8 +24,13 @@ from typing import Any
 
 import torch
 
-from nmgraph.pattern import Pattern, PatternLike, is_nm, nm_mask
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.errors import PlanError, UnsupportedError
+from nmgraph.exporters.onnx_check import OnnxSparsityReport, diagnose_nm
+from nmgraph.exporters.onnx_export import ExportReport
+from nmgraph.exporters.serialize import SavedModel
+from nmgraph.graph import graph_record
+from nmgraph.pattern import Pattern, PatternLike, is_nm, kept_magnitude, nm_mask
 
 __all__ = [
     "ConvertSummary",
@@ -110,10 +115,10 @@ def layer_stats(
         pruned_zero = float(((w.detach() * mask) == 0).float().mean())
         identity = (kept_before or {}).get(info.name)
         if identity is None:
-            identity = _kept(w, p, info.axis)
+            identity = kept_magnitude(w, p, info.axis)
         after = None
         if info.name in perm_params:
-            after = _kept(perm_params[info.name], p, info.axis)
+            after = kept_magnitude(perm_params[info.name], p, info.axis)
         out.append(LayerStat(info.name, tuple(info.shape), True, pruned_zero, identity, after))
     for skip in plan.skipped:
         w = params.get(skip.name)
@@ -127,30 +132,24 @@ def convert_summary(gm: torch.nn.Module, pattern: PatternLike | None = None,
                     plan: SparsityPlan | None = None) -> ConvertSummary:
     """Measures a converted graph: every weight ``convert`` folded or pruned, and the ones it skipped.
 
-    Reads ``gm.meta["nmgraph_convert"]`` (written by :func:`nmgraph.convert`); with ``plan`` instead,
+    Reads ``nmgraph.graph_record(gm).converted`` (written by :func:`nmgraph.convert`); with ``plan`` instead,
     checks the plan's layers. A weight that is not N:M gets the reason in ``LayerStat.reason``.
     """
-    meta = getattr(gm, "meta", {}).get("nmgraph_convert") if hasattr(gm, "meta") else None
+    rec = graph_record(gm)
+    converted = rec.converted if rec is not None else None
     params = _tensors(gm)
-    from nmgraph.onnx_check import diagnose_nm
-
     if plan is not None:
         p = plan.pattern
         layers = [(i.name, i.axis) for i in plan.layers]
         skipped = tuple(plan.skipped)
-    elif meta is not None:
-        p = Pattern.parse(pattern or _meta_pattern(gm) or "2:4")
-        from nmgraph.export import sparse_weight_axes
-
-        axes, _ = sparse_weight_axes(gm, p)
-        layers = [(n, axes.get(n, 1)) for n in meta.get("folded", ())]
-        skipped = tuple(meta.get("skipped", ()))
+    elif converted is not None:
+        p = Pattern.parse(pattern or converted.pattern or "2:4")
+        layers = [(n, converted.axes.get(n, 1)) for n in converted.folded]
+        skipped = tuple(converted.skipped)
     else:
-        from nmgraph.errors import PlanError
-
         raise PlanError(
             "convert_summary() needs a graph returned by nmgraph.convert (it records what it did in "
-            "gm.meta['nmgraph_convert']) or plan=."
+            "nmgraph.graph_record(gm).converted) or plan=."
         )
     stats = []
     for name, axis in layers:
@@ -166,25 +165,12 @@ def convert_summary(gm: torch.nn.Module, pattern: PatternLike | None = None,
     return ConvertSummary(p, tuple(stats), skipped)
 
 
-def _meta_pattern(gm: torch.nn.Module) -> str | None:
-    prep = getattr(gm, "meta", {}).get("nmgraph_prepare")
-    config = prep.get("config") if isinstance(prep, Mapping) else None
-    pat = getattr(config, "pattern", None)
-    return str(pat) if pat is not None else None
-
-
 def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     if model is None:
         return {}
     out = dict(model.named_buffers(remove_duplicate=False))
     out.update(model.named_parameters(remove_duplicate=False))
     return out
-
-
-def _kept(w: torch.Tensor, p: Pattern, axis: int) -> float:
-    a = w.detach().float().abs()
-    total = float(a.sum())
-    return float((a * nm_mask(a, p, axis=axis)).sum()) / total if total else 1.0
 
 
 # --- JSON ----------------------------------------------------------------------------------------
@@ -241,9 +227,6 @@ def _shape(shape: Iterable[int]) -> str:
 
 
 def _spec(obj: Any) -> _Spec:
-    from nmgraph.export import ExportReport
-    from nmgraph.onnx_check import OnnxSparsityReport
-    from nmgraph.serialize import SavedModel
 
     if isinstance(obj, torch.nn.Module):
         obj = convert_summary(obj)
@@ -308,8 +291,6 @@ def _spec(obj: Any) -> _Spec:
                  "eligible" if s.eligible else f"dense: {s.reason}"] for s in obj]
         return _Spec("per-layer kept magnitude and sparsity",
                      ["weight", "shape", "kept identity", "kept permuted", "sparsity", "status"], rows, [])
-    from nmgraph.errors import UnsupportedError
-
     raise UnsupportedError(f"No table for {type(obj).__name__}; use to_json() for generic objects.")
 
 
@@ -379,8 +360,6 @@ def plot_layers(
     from matplotlib.figure import Figure
 
     if not stats:
-        from nmgraph.errors import PlanError
-
         raise PlanError("plot_layers() got no layers: the plan has no eligible or skipped weights.")
     eligible = [s for s in stats if s.eligible]
     names = [_short(s.name) for s in stats]

@@ -14,51 +14,91 @@
 True
 
 The prepared graph's ``train()``/``eval()`` switch the mask nodes between the training forward and
-the hard N:M forward (and ``aten.dropout`` nodes between on and off). Graphs from ``torch.export``
+the hard N:M forward (and dropout between on and off: ``aten.dropout`` nodes and the ``dropout_p``
+of ``scaled_dot_product_attention``). Graphs from ``torch.export``
 refuse ``train()``/``eval()`` by default; :func:`prepare` installs these two methods on the instance,
 as torch's own ``ExportedProgram.module()`` does for its refusing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
 from nmgraph.analysis import analyze
+from nmgraph.analysis.plan import SparsityPlan
 from nmgraph.capture import capture
-from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP
+from nmgraph.errors import CaptureError, PlanError, UnsupportedError
+from nmgraph.graph import ConvertRecord, PrepareRecord, fetch_attr, graph_record, update_graph_record
+from nmgraph.masking import MASK_OP, SADTracker, Schedule, SparsityState, TrainingConfig, method_from_name
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
 from nmgraph.passes.permute_channels import permute as permute_channels
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
-from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.plan import LayerInfo, Skip, SparsityPlan
-from nmgraph.schedule import Fixed, Schedule, SparsityState, TrainingConfig, method_from_name
-from nmgraph.telemetry import SADTracker
+from nmgraph.pattern import Pattern
+from nmgraph.rollback import Rollback
+from nmgraph.validate import check_plan_finite, check_seed
 
-__all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
+__all__ = ["AttentionDropout", "SparsityCallback", "convert", "hf_callback", "prepare", "set_mode", "without_dropout"]
 
 log = logging.getLogger(__name__)
 
 _DROPOUT = torch.ops.aten.dropout.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """``node.meta["nmgraph"]`` of a ``scaled_dot_product_attention`` node whose dropout
+    :func:`set_mode` switched off: the probability it restores when dropout is switched on."""
+
+    p: float
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _set_sdpa_dropout(node: fx.Node, p: float) -> None:
+    if len(node.args) > 4:
+        node.update_arg(4, p)
+    else:
+        node.update_kwarg("dropout_p", p)
+
+
+def _switch_attention_dropout(node: fx.Node, on: bool) -> bool:
+    """Switches an SDPA node's ``dropout_p`` off (recording it) or back on; returns whether it changed."""
+    p = _sdpa_dropout(node)
+    saved = node.meta.get("nmgraph")
+    if not on and p != 0.0:
+        node.meta = {**node.meta, "nmgraph": AttentionDropout(p)}
+        _set_sdpa_dropout(node, 0.0)
+        return True
+    if on and p == 0.0 and isinstance(saved, AttentionDropout) and saved.p != 0.0:
+        _set_sdpa_dropout(node, saved.p)
+        return True
+    return False
 
 
 def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
-    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+    return analyze(gm, pattern, include=include, exclude=exclude)
 
 
 def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
     """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
 
-    ``aten.dropout`` nodes are switched on when ``dropout`` is true and off when it is false;
-    ``None`` follows ``training``. The graph is recompiled only if a node changed (under
+    Dropout (``aten.dropout`` nodes and the ``dropout_p`` of ``scaled_dot_product_attention``) is
+    switched on when ``dropout`` is true and off when it is false; ``None`` follows ``training``. The graph is recompiled only if a node changed (under
     ``torch.compile`` that is one recompilation per switch). Sets ``training`` on ``gm``'s modules.
     Returns whether the graph changed.
     """
@@ -73,10 +113,43 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None 
         elif node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not dropout:
             node.update_arg(2, dropout)
             changed = True
+        elif node.target is _SDPA and _switch_attention_dropout(node, dropout):
+            changed = True
     if changed:
         gm.recompile()
     torch.nn.Module.train(gm, training)
     return changed
+
+
+@contextlib.contextmanager
+def without_dropout(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Runs the block with every dropout of ``gm`` off; puts back each one that was on.
+
+    A permutation is verified by comparing outputs before and after: with dropout on, the same
+    random mask falls on other channels after the permutation, so an exact permutation would look
+    like a changed function.
+    """
+    was_on = [n for n in gm.graph.nodes if n.op == "call_function" and (
+        (n.target is _DROPOUT and len(n.args) == 3 and n.args[2] is True)
+        or (n.target is _SDPA and _sdpa_dropout(n) != 0.0))]
+    if not was_on:
+        yield gm
+        return
+    for n in was_on:
+        if n.target is _DROPOUT:
+            n.update_arg(2, False)
+        else:
+            _switch_attention_dropout(n, False)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for n in was_on:
+            if n.target is _DROPOUT:
+                n.update_arg(2, True)
+            else:
+                _switch_attention_dropout(n, True)
+        gm.recompile()
 
 
 def _train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
@@ -96,17 +169,6 @@ def _install_train_eval(gm: fx.GraphModule) -> None:
     hooks = getattr(gm, "_deepcopy_hooks", [])
     if hasattr(gm, "_register_deepcopy_hook") and _install_train_eval not in hooks:
         gm._register_deepcopy_hook(_install_train_eval)
-
-
-def _check_scores(scores: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo]) -> None:
-    shapes = {info.name: tuple(info.shape) for info in layers}
-    for name, s in scores.items():
-        if name not in shapes:
-            raise PlanError(f"saliency has a score for {name!r}, which is not an eligible weight of the plan.")
-        if tuple(s.shape) != shapes[name]:
-            raise PlanError(
-                f"saliency score for {name!r} has shape {tuple(s.shape)}, the weight {shapes[name]}."
-            )
 
 
 def prepare(
@@ -135,7 +197,7 @@ def prepare(
     modified in place); parameters stay the model's own, so an optimizer may be built on either.
     ``method`` is a name (``"ste"``, ``"sr-ste"``, ``"mdgf-linear"``, ``"mdgf-exp"``,
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
-    :mod:`nmgraph.schedule`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
+    :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
     ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
@@ -155,10 +217,10 @@ def prepare(
     elif saliency not in (None, "magnitude"):
         raise PlanError(
             f"prepare(saliency={saliency!r}): pass 'magnitude' or a mapping weight name -> score "
-            "(see nmgraph.saliency.first_order / second_order)."
+            "(see nmgraph.masking.saliency.first_order / second_order)."
         )
     if scores is not None:
-        if not isinstance(method_cfg, Fixed):
+        if not method_cfg.scored:
             raise PlanError(f"saliency= chooses the mask of method 'fixed' only; method is {method_cfg.name!r}.")
         if schedule.warmup_steps:
             raise PlanError(
@@ -172,7 +234,7 @@ def prepare(
                 "prepare(..., permute=False, saliency=scores)."
             )
 
-    if isinstance(model, fx.GraphModule) and "nmgraph_capture" in model.meta:
+    if isinstance(model, fx.GraphModule) and graph_record(model) is not None:
         gm = model
     else:
         if example_inputs is None:
@@ -189,53 +251,35 @@ def prepare(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
-    if permute:
-        report = permute_channels(gm, plan, search=search, seed=seed)
-        gm.meta["nmgraph_permute"] = report
-        log.info("permutation before training: %s", report)
     if scores is not None:
-        _check_scores(scores, plan.layers)
-    results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
-    res = results[0]
-    skipped = [*plan.skipped, *res.skipped]
-    if not res.modified:
-        raise PlanError(
-            f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
-            f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
-        )
-    for s in skipped:
-        log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_prepare"] = {
-        "config": config,
-        "masked": tuple(res.info["masked"]),
-        "skipped": tuple(skipped),
-    }
-    _install_train_eval(gm)
-    set_mode(gm, True)
+        PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
+    check_plan_finite(gm, plan, scores)
+    if permute:
+        check_seed(seed, "prepare")
+    with Rollback() as undo:
+        if gm is model:  # the caller's graph is rewritten in place
+            undo.keep_module(gm)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
+                report = permute_channels(gm, plan, search=search, seed=seed)
+            update_graph_record(gm, permuted=report)
+            log.info("permutation before training: %s", report)
+        results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
+        res = results[0]
+        skipped = [*plan.skipped, *res.skipped]
+        if not res.modified:
+            raise PlanError(
+                f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
+                f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
+            )
+        for s in skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
+        _install_train_eval(gm)
+        set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
-
-
-def _prune_plain(
-    gm: fx.GraphModule, plan: SparsityPlan, scores: Mapping[str, torch.Tensor] | None
-) -> tuple[list[str], list[Skip]]:
-    pruned, skipped = [], []
-    for info in plan.layers:
-        try:
-            w = gm.get_parameter(info.name)
-        except AttributeError:
-            try:
-                w = gm.get_buffer(info.name)
-            except AttributeError:
-                skipped.append(Skip(info.name, "not pruned: the graph has no such parameter or buffer"))
-                continue
-        score = None if scores is None else scores.get(info.name)
-        with torch.no_grad():
-            w.mul_(nm_mask(w, plan.pattern, score, axis=info.axis))
-        if not is_nm(w, plan.pattern, axis=info.axis):
-            raise VerificationError(f"Pruned weight {info.name!r} is not {plan.pattern} along axis {info.axis}.")
-        pruned.append(info.name)
-    return pruned, skipped
 
 
 def convert(
@@ -276,9 +320,15 @@ def convert(
                 "convert() folds the trained masks of a prepared graph; plan= and saliency= apply only "
                 "to a graph without mask nodes."
             )
-        set_mode(gm, False)
-        res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
-        gm.meta["nmgraph_convert"] = {"folded": tuple(res.info["folded"]), "skipped": ()}
+        with Rollback() as undo:
+            undo.keep_module(gm)
+            undo.keep_tensors(fetch_attr(gm, n.args[0].target) for n in mask_nodes(gm)
+                              if isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr")
+            set_mode(gm, False)
+            res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
+            patterns = set(res.info["patterns"].values())
+            update_graph_record(gm, converted=ConvertRecord(
+                tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
         log.info("convert: folded masks into %d weights", len(res.info["folded"]))
         return gm
     p = p or Pattern(2, 4)
@@ -286,13 +336,17 @@ def convert(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
-    if saliency is not None:
-        _check_scores(saliency, plan.layers)
-    pruned, skipped = _prune_plain(gm, plan, saliency)
-    skipped = [*plan.skipped, *skipped]
-    for s in skipped:
+    config = PruneWeightsConfig(plan, saliency)
+    with Rollback() as undo:
+        if gm is gm_or_prepared:
+            undo.keep_module(gm)
+        undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+        res = run_passes(gm, (prune_weights,), config)[0]
+        pruned = res.info["pruned"]
+        update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
+                                                        {i.name: i.axis for i in plan.layers}))
+    for s in plan.skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_convert"] = {"folded": tuple(pruned), "skipped": tuple(skipped)}
     log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
              "magnitude" if saliency is None else "saliency")
     return gm
@@ -318,13 +372,7 @@ def _find_state(module: torch.nn.Module) -> tuple[torch.nn.Module, SparsityState
 
 
 def _weights(owner: torch.nn.Module, state: SparsityState) -> dict[str, torch.Tensor]:
-    out = {}
-    for _, st in state.layers():
-        obj: Any = owner
-        for part in st.weight_name.split("."):
-            obj = getattr(obj, part)
-        out[st.weight_name] = obj
-    return out
+    return {st.weight_name: fetch_attr(owner, st.weight_name) for _, st in state.layers()}
 
 
 class SparsityCallback:

@@ -13,7 +13,7 @@ def test_capture_hf_models_equal_and_share_parameters(name):
     model, args = hf_models.FACTORIES[name]()
     gm = nmgraph.capture(model, args)
     assert isinstance(gm, torch.fx.GraphModule)
-    assert gm.meta["nmgraph_capture"] == "export"
+    assert nmgraph.graph_record(gm).captured_by == "export"
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(gm(*args)), first_tensor(model(*args)), rtol=0, atol=0)
     own = dict(model.named_parameters())
@@ -69,7 +69,7 @@ def test_gpt2_with_cache_error_suggests_use_cache():
 def test_symbolic_trace_fallback():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     gm = nmgraph.capture(model, (torch.randn(2, 4),), method="symbolic_trace")
-    assert gm.meta["nmgraph_capture"] == "symbolic_trace"
+    assert nmgraph.graph_record(gm).captured_by == "symbolic_trace"
     assert gm.get_parameter("0.weight") is model[0].weight
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import nmgraph
-from nmgraph import serialize
 from nmgraph.cli import main
+from nmgraph.exporters import serialize
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "tests.test_cli:tiny"

@@ -64,6 +64,32 @@ def test_compile_errors():
         nmgraph.compile(torch.nn.Linear(4, 4), backend="warp")
     with pytest.raises(UnsupportedError, match="mode='fast'"):
         nmgraph.compile(torch.nn.Linear(4, 4), mode="fast")
+    # a misspelled option is an error that lists the valid names, not silently ignored
+    with pytest.raises(UnsupportedError, match=r"unknown option 'serach'; valid options: permute, search, seed"):
+        nmgraph.compile(torch.nn.Linear(4, 4), serach="none")
+    with pytest.raises(UnsupportedError, match=r"search='fastest'\) is not one of none, random, greedy"):
+        nmgraph.compile(torch.nn.Linear(4, 4), search="fastest")
+
+
+class _Typo(torch.nn.Module):  # its own forward: Dynamo remembers a frame whose backend failed
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_torch_compile_backend_rejects_unknown_options():
+    model = _Typo()
+    before = model.fc.weight.detach().clone()
+    opt = torch.compile(model, backend="nmgraph", options={"patern": "1:4"})
+    try:
+        with pytest.raises(Exception, match=r"unknown option 'patern'; valid options: pattern, backend, permute"):
+            opt(torch.randn(2, 8))
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(model.fc.weight, before)  # refused before any weight changed
 
 
 def test_torch_compile_backend_by_name():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nmgraph
+from nmgraph.analysis.plan import LayerInfo, SparsityPlan
 from nmgraph.errors import CaptureError, StrictModeError, UnsupportedError, VerificationError
-from nmgraph.export import TOLERANCES, _verify, export
-from nmgraph.plan import LayerInfo, SparsityPlan
+from nmgraph.exporters.onnx_export import TOLERANCES, _verify, export
 
 from . import hf_models
 from .hf_models import first_tensor

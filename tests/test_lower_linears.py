@@ -1,4 +1,4 @@
-"""lower_linears: linear/addmm -> nmgraph::nm_linear, equivalence, node counts, metadata, skips, export."""
+"""lower_linears: linear/addmm -> the chosen backend's op, equivalence, node counts, metadata, skips, export."""
 
 import os
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import nmgraph.ops  # noqa: F401  (registers torch.ops.nmgraph.*)
 from nmgraph import capture, compress, nm_mask
 from nmgraph.backends import BackendRegistry
 from nmgraph.backends.dense import DenseBackend
@@ -25,7 +24,9 @@ from nmgraph.passes.runner import run_passes
 from . import hf_models
 
 aten = torch.ops.aten
-NM_LINEAR = torch.ops.nmgraph.nm_linear.default
+DENSE_OP = torch.ops.nmgraph.nm_linear_dense.default
+TRITON_OP = torch.ops.nmgraph.nm_linear_triton.default
+NM_LINEAR = (DENSE_OP, TRITON_OP)  # the N:M linear ops lowered graphs call
 CUDA = torch.cuda.is_available()
 KERNEL = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
@@ -58,7 +59,8 @@ def _prune(model, pattern="2:4"):
 
 
 def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+    targets = target if isinstance(target, tuple) else (target,)
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
 
 
 def _mlp():
@@ -105,7 +107,7 @@ def test_node_metadata_is_carried_over():
     gm = capture(model, (x,))
     old = {n.args[1].target: dict(n.meta) for n in gm.graph.nodes if n.target is aten.linear.default}
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
-    new = [n for n in gm.graph.nodes if n.target is NM_LINEAR]
+    new = [n for n in gm.graph.nodes if n.target in NM_LINEAR]
     assert len(new) == 3
     for node in new:
         tag = node.meta["nmgraph"]
@@ -125,7 +127,7 @@ def test_lowered_graph_exports_and_compiles():
     gm = capture(model, (x,))
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     ep = torch.export.export(gm, (x,))
-    assert sum(1 for n in ep.graph.nodes if n.target is NM_LINEAR) == 3
+    assert sum(1 for n in ep.graph.nodes if n.target in NM_LINEAR) == 3
     torch.testing.assert_close(_run(ep.module(), x), ref, rtol=1e-5, atol=1e-5)
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(_run(compiled, x), ref, rtol=1e-5, atol=1e-5)
@@ -142,17 +144,15 @@ def test_lowered_graph_exports_and_compiles():
 def test_op_checks_its_arguments():
     c = compress(torch.tensor([[0.0, 2.0, 0.0, 3.0]] * 8), "2:4")
     x = torch.randn(3, 4)
-    y = torch.ops.nmgraph.nm_linear(x, c.values, c.indices, None, 2, 4, 8, 4, "dense")
+    y = torch.ops.nmgraph.nm_linear_dense(x, c.values, c.indices, None, 2, 4, 8, 4)
     torch.testing.assert_close(y, x @ c.to_dense().t())
-    with pytest.raises(UnsupportedError, match="unknown backend 'fast'"):
-        torch.ops.nmgraph.nm_linear(x, c.values, c.indices, None, 2, 4, 8, 4, "fast")
-    with pytest.raises(ShapeError, match=r"x must be \[\.\.\., 4\]"):
-        torch.ops.nmgraph.nm_linear(torch.randn(3, 8), c.values, c.indices, None, 2, 4, 8, 4, "dense")
-    with torch._subclasses.FakeTensorMode() as mode:  # the fake impl gives the output's shape
-        fx_ = mode.from_tensor(torch.randn(2, 5, 4))
-        out = torch.ops.nmgraph.nm_linear(fx_, mode.from_tensor(c.values), mode.from_tensor(c.indices), None,
-                                          2, 4, 8, 4, "triton")
-        assert out.shape == (2, 5, 8)
+    for op in (torch.ops.nmgraph.nm_linear_dense, torch.ops.nmgraph.nm_linear_triton):
+        with pytest.raises(ShapeError, match=r"x must be \[\.\.\., 4\]"):
+            op(torch.randn(3, 8), c.values, c.indices, None, 2, 4, 8, 4)
+        with torch._subclasses.FakeTensorMode() as mode:  # the fake impl gives the output's shape
+            fx_ = mode.from_tensor(torch.randn(2, 5, 4))
+            out = op(fx_, mode.from_tensor(c.values), mode.from_tensor(c.indices), None, 2, 4, 8, 4)
+            assert out.shape == (2, 5, 8)
 
 
 @needs_kernel
@@ -162,8 +162,8 @@ def test_lowered_triton_graph_exports():
     gm = capture(model, (x,))
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     ep = torch.export.export(gm, (x,))
-    ops = [n.args[-1] for n in ep.graph.nodes if n.target is NM_LINEAR]
-    assert ops == ["triton"] * 3
+    ops = [n.target for n in ep.graph.nodes if n.target in NM_LINEAR]
+    assert ops == [TRITON_OP] * 3
     torch.testing.assert_close(_run(ep.module(), x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -324,7 +324,7 @@ def test_hf_models_match_the_pruned_reference_and_export(family):
     out = hf_models.first_tensor(_run(gm, *args))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     ep = torch.export.export(gm, args)
-    assert sum(1 for n in ep.graph.nodes if n.target is NM_LINEAR) == lowered
+    assert sum(1 for n in ep.graph.nodes if n.target in NM_LINEAR) == lowered
     torch.testing.assert_close(hf_models.first_tensor(_run(ep.module(), *args)), ref, rtol=1e-4, atol=1e-4)
 
 

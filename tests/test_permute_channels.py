@@ -6,8 +6,8 @@ from torch import nn
 
 import nmgraph
 from nmgraph import PlanError, VerificationError
+from nmgraph.analysis.plan import Member, PermutationGroup, SparsityPlan
 from nmgraph.passes.permute_channels import apply_permutation, kept_magnitude
-from nmgraph.plan import Member, PermutationGroup, SparsityPlan
 
 from . import hf_models
 from .hf_models import first_tensor

@@ -101,8 +101,8 @@ def test_permute_report_table():
 
 
 def test_saved_model_and_onnx_reports(tmp_path):
-    from nmgraph import serialize
-    from nmgraph.onnx_check import check_onnx
+    from nmgraph.exporters import serialize
+    from nmgraph.exporters.onnx_check import check_onnx
 
     model, x, _, plan = _setup()
     with torch.no_grad():

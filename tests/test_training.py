@@ -5,11 +5,11 @@ import torch
 
 import nmgraph
 from nmgraph import CaptureError, PlanError
-from nmgraph.masking import MASK_OP
+from nmgraph.graph import graph_record
+from nmgraph.masking import MASK_OP, MDGF, Phase, SparsityState
+from nmgraph.masking.saliency import first_order
 from nmgraph.passes.fold_masks import mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME
-from nmgraph.saliency import first_order
-from nmgraph.schedule import MDGF, Phase, SparsityState
 from nmgraph.training import SparsityCallback, convert, hf_callback, prepare, set_mode
 
 from . import hf_models
@@ -106,9 +106,9 @@ def test_hf_prepare_train_convert(name):
     torch.manual_seed(0)
     model, args = hf_models.FACTORIES[name]()
     gm = prepare(model, args, "2:4", method="sr-ste", permute=False, total_steps=4, finetune=0.25)
-    masked = gm.meta["nmgraph_prepare"]["masked"]
+    masked = graph_record(gm).prepared.masked
     assert len(masked) == len(mask_nodes(gm)) and len(masked) >= 10
-    skipped = {s.name for s in gm.meta["nmgraph_prepare"]["skipped"]}
+    skipped = {s.name for s in graph_record(gm).prepared.skipped}
     assert not skipped & set(masked)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cb = SparsityCallback(gm)
@@ -142,7 +142,7 @@ def test_permutation_and_training_together():
         ref = first_tensor(model(*args)).clone()
     gm = prepare(model, args, "2:4", method="ste", permute=True, search="random", seed=3,
                  total_steps=6, warmup=1 / 3)
-    report = gm.meta["nmgraph_permute"]
+    report = graph_record(gm).permuted
     assert report.permuted  # random search applies a valid permutation to every group
     set_mode(gm, True, dropout=False)
     with torch.no_grad():  # dense warm-up: the permuted, masked graph computes the original function
@@ -158,7 +158,7 @@ def test_permutation_and_training_together():
     with torch.no_grad():
         hard_out = first_tensor(gm(*args)).clone()
     convert(gm)
-    for n in gm.meta["nmgraph_prepare"]["masked"]:
+    for n in graph_record(gm).prepared.masked:
         assert nmgraph.is_nm(model.get_parameter(n), "2:4")
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(gm(*args)), hard_out, rtol=0, atol=0)
@@ -281,7 +281,7 @@ def test_convert_plain_graph_by_magnitude_and_saliency():
     assert torch.equal(model.a.weight, w0["a.weight"] * nmgraph.nm_mask(w0["a.weight"], "2:4"))
     assert torch.equal(model.b.weight, w0["b.weight"] * nmgraph.nm_mask(w0["b.weight"], "2:4"))
     assert torch.equal(model.head.weight, w0["head.weight"])  # output head left dense (reported)
-    assert [s.name for s in gm.meta["nmgraph_convert"]["skipped"]] == ["head.weight"]
+    assert [s.name for s in graph_record(gm).converted.skipped] == ["head.weight"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
@@ -341,7 +341,7 @@ def test_prepare_errors():
     with pytest.raises(PlanError, match=r"saliency score for 'a.weight' has shape \(2,\)"):
         prepare(model, (x,), method="fixed", permute=False, saliency={"a.weight": torch.ones(2)})
     with pytest.raises(PlanError, match="Pass either schedule= or total_steps"):
-        prepare(model, (x,), permute=False, schedule=nmgraph.schedule.Schedule(), total_steps=3)
+        prepare(model, (x,), permute=False, schedule=nmgraph.masking.Schedule(), total_steps=3)
     with pytest.raises(CaptureError, match="needs example_inputs"):
         prepare(model)
     with pytest.raises(PlanError, match="Unknown training method 'magic'"):
@@ -370,3 +370,34 @@ def test_example_train_tiny_lm_smoke():
         # 6 steps from random init: the loss is near uniform over 128 symbols (7 bits), and finite
         assert 3.0 < r["val_bpc"] < 8.0
     assert all(r["masked_weights"] == 8 for r in results[1:])  # qkv, proj, up, down in 2 blocks
+
+
+def test_prepare_verifies_the_permutation_with_dropout_off():
+    """GPT-2 as transformers builds it is in train mode, with dropout in its residual stream and in
+    scaled_dot_product_attention (inside a permutation group): the permutation is verified with
+    dropout off (a dropout mask falls on other channels after a permutation), and dropout is back on
+    in the prepared graph's training forward and off in its eval forward."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=hf_models.VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.training and cfg.attn_pdrop == 0.1
+    reference = copy.deepcopy(model).eval()
+    ids = torch.randint(0, hf_models.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = prepare(model, (ids,), "2:4", method="ste", permute=True, search="greedy")
+    report = graph_record(gm).permuted
+    assert report.permuted and report.max_error <= 1e-5
+    with torch.no_grad():  # the user's (permuted) model computes the reference's function
+        torch.testing.assert_close(first_tensor(model.eval()(ids)), first_tensor(reference(ids)),
+                                   rtol=1e-4, atol=1e-5)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    drop = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert len(sdpa) == 1 and len(drop) == 3
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)  # training forward: on
+    gm.eval()
+    assert sdpa[0].args[4] == 0.0 and all(n.args[2] is False for n in drop)  # eval: off, attention included
+    with torch.no_grad():
+        assert torch.equal(first_tensor(gm(ids)), first_tensor(gm(ids)))
+    gm.train()
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)

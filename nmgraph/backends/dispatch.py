@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from nmgraph.backends import BACKEND_NAMES, BackendRegistry, default_registry
+from nmgraph.backends.base import BackendRegistry
+from nmgraph.backends.registry import backend_names, default_registry
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import SerializationError, UnsupportedError
 
@@ -164,7 +165,8 @@ class DispatchReport:
 
 
 def _backend_order(name: str) -> tuple[int, str]:
-    return (BACKEND_NAMES.index(name) if name in BACKEND_NAMES else len(BACKEND_NAMES), name)
+    names = backend_names()
+    return (names.index(name) if name in names else len(names), name)
 
 
 def _fmt_ms(v: float | None) -> str:

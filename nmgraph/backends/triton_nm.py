@@ -34,11 +34,14 @@ from typing import Any
 
 import torch
 
-from nmgraph.backends import Backend
+from nmgraph.backends.base import Backend, GraphCall
+from nmgraph.backends.dense import compressed_shape, decompress_linear
+from nmgraph.backends.ops import check_x, register_frozen_linear
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import BackendUnavailableError, ShapeError, UnsupportedError
 
-__all__ = ["SMALL_M", "SUPPORTED_DTYPES", "TritonBackend", "is_available", "nm_linear", "unavailable_reason"]
+__all__ = ["SMALL_M", "SUPPORTED_DTYPES", "TritonBackend", "is_available", "nm_linear", "nm_linear_triton",
+           "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -425,3 +428,31 @@ class TritonBackend(Backend):
 
     def run(self, x: torch.Tensor, prepared: CompressedNM, bias: torch.Tensor | None) -> torch.Tensor:
         return nm_linear(x, prepared, bias)
+
+    def lower(self, weight: CompressedNM, prepared: CompressedNM) -> GraphCall:
+        out_features, in_features = compressed_shape(weight)
+        return GraphCall(torch.ops.nmgraph.nm_linear_triton.default,
+                         (("nm_values", prepared.values), ("nm_indices", prepared.indices)),
+                         (weight.n, weight.m, out_features, in_features))
+
+
+@torch.library.custom_op("nmgraph::nm_linear_triton", mutates_args=())
+def nm_linear_triton(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The graph op of :class:`TritonBackend`: :func:`nm_linear` on the compressed weight's tensors."""
+    check_x(x, in_features, "nm_linear_triton")
+    return nm_linear(x, CompressedNM(values, indices, (out_features, in_features), n, m, 1), bias)
+
+
+register_frozen_linear(
+    nm_linear_triton, n_buffers=2, shape=lambda c: (c[2], c[3]),
+    dense_weight=lambda b, c: decompress_linear(b[0], b[1], c[0], c[1]),
+)

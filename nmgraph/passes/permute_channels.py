@@ -1,6 +1,6 @@
 """Reorder the channels of every permutation group, in place, with the model's function unchanged.
 
-Why this is valid: a :class:`~nmgraph.plan.PermutationGroup` lists every parameter and buffer axis
+Why this is valid: a :class:`~nmgraph.analysis.plan.PermutationGroup` lists every parameter and buffer axis
 that carries the group's channels, found by the channel-flow analysis. Permuting the producers'
 output rows (weights, biases), every per-channel parameter along the way (norm weights and biases,
 BatchNorm running statistics, PReLU slopes) and the consumers' input columns by the same permutation
@@ -26,16 +26,16 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from nmgraph.errors import PlanError, UnsupportedError, VerificationError
-from nmgraph.pattern import nm_mask
-from nmgraph.plan import Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.analysis.plan import Member, PermutationGroup, Skip, SparsityPlan
+from nmgraph.errors import PlanError, VerificationError
+from nmgraph.graph import graph_record
+from nmgraph.pattern import kept_magnitude
+from nmgraph.search import SEARCHES, search_permutation
+from nmgraph.validate import check_permute_arguments
 
-__all__ = ["PermuteReport", "apply_permutation", "kept_magnitude", "permute"]
+__all__ = ["PermuteReport", "apply_permutation", "permute"]
 
 log = logging.getLogger(__name__)
-
-SEARCHES = ("none", "random", "greedy", "exhaustive")
-
 
 @dataclass
 class PermuteReport:
@@ -70,13 +70,6 @@ class PermuteReport:
             "kept_before": self.kept_before, "kept_after": self.kept_after,
             "efficacy": self.efficacy, "max_error": self.max_error, "seconds": self.seconds,
         }
-
-
-def kept_magnitude(weight: torch.Tensor, pattern, axis: int = 1) -> float:
-    """Fraction of ``sum |w|`` that N:M magnitude pruning along ``axis`` keeps."""
-    w = weight.detach().float().abs()
-    total = float(w.sum())
-    return float((w * nm_mask(w, pattern, axis=axis)).sum()) / total if total else 1.0
 
 
 def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -202,10 +195,6 @@ def _search(group: PermutationGroup, matrix, pattern, search: str, seed: int, ti
             progress: bool = False):
     if search == "random":
         return group.random_permutation(gen), None
-    try:
-        from nmgraph.permutation_search import search_permutation
-    except ImportError as e:  # pragma: no cover - the module ships with nmgraph
-        raise UnsupportedError(f"search={search!r} needs nmgraph.permutation_search ({e})") from e
     # one intra-op thread: the search is a long chain of mid-sized ops (measured 5-15x faster on a
     # small or busy CPU); search_permutation restores torch's setting afterwards
     result = search_permutation(matrix, pattern, method=search, block=group.block, seed=seed,
@@ -235,7 +224,7 @@ def permute(
 
     ``search``: ``"none"`` (identity), ``"random"`` (a uniformly random valid permutation; for
     testing equivalence, it may lower kept magnitude), ``"greedy"`` or ``"exhaustive"`` (maximise
-    kept magnitude, see :mod:`nmgraph.permutation_search`; a group is only changed if its consumers
+    kept magnitude, see :mod:`nmgraph.search.permutation`; a group is only changed if its consumers
     keep more). ``time_limit`` (seconds) bounds the whole search, shared among the groups;
     ``progress=True`` shows a progress bar per group (each group is also logged at INFO).
     ``perms={group_id: LongTensor}`` applies given permutations instead. ``score`` maps
@@ -245,6 +234,7 @@ def permute(
     :func:`nmgraph.capture`, or ``example_inputs``) must be unchanged within fp32 rounding; if not,
     every change is undone and :class:`VerificationError` names the group.
     """
+    check_permute_arguments(gm, plan, seed=seed, time_limit=time_limit, perms=perms)
     if search not in SEARCHES:
         raise PlanError(f"search={search!r} is not one of {SEARCHES}.")
     start = time.perf_counter()
@@ -329,9 +319,9 @@ def _example(gm, example_inputs, example_kwargs, verify):
     if example_inputs is not None:
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         return args, dict(example_kwargs or {})
-    stored = gm.meta.get("nmgraph_example_inputs")
-    if stored is not None:
-        return stored
+    rec = graph_record(gm)
+    if rec is not None and rec.captured_by != "unknown":
+        return rec.example_args, dict(rec.example_kwargs)
     if verify:
         raise PlanError(
             "permute(verify=True) needs example inputs: capture the model with nmgraph.capture (which "

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmgraph.errors import SerializationError, UnsupportedError
+from nmgraph.errors import BackendUnavailableError, SerializationError, UnsupportedError
 from nmgraph.pattern import Pattern, PatternLike, group_view
 
 __all__ = [
@@ -592,7 +592,6 @@ def _import_onnx():
     try:
         import onnx
     except ImportError as e:
-        from nmgraph.errors import BackendUnavailableError
 
         raise BackendUnavailableError(
             "Checking ONNX graphs needs the onnx package: pip install 'nmgraph[onnx]'."

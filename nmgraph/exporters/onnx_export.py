@@ -10,7 +10,7 @@ first. It then
 3. runs onnxruntime on the example inputs and compares every output with PyTorch
    (``|ort - torch| <= atol + rtol * |torch|``; defaults in :data:`TOLERANCES`), and with
    ``dynamic_batch=True`` also at batch size + 1;
-4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.onnx_check.check_onnx`) and lists
+4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.exporters.onnx_check.check_onnx`) and lists
    the eligible weights and every weight whose pattern was lost in export, with the reason.
 
 ``fp16=True`` exports a float16 copy of the model (the caller's model is not touched) and compares
@@ -34,6 +34,10 @@ from typing import Any
 
 import torch
 
+from nmgraph.analysis import analyze
+from nmgraph.analysis.eligibility import gemm_weight_axes, module_gemm_axes
+from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.capture import batch_dynamic_shapes, capture, set_eval
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -43,9 +47,13 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
-from nmgraph.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm
+from nmgraph.exporters import tensorrt as trt
+from nmgraph.exporters.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm, parameter_aliases
+from nmgraph.graph import fetch_attr
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
+from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.rollback import Rollback
 
 __all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
 
@@ -62,9 +70,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 _DEFAULT_TORCHSCRIPT_OPSET = 17
-_LINEAR_OPS = ("linear",)
-_KN_OPS = ("addmm", "mm", "matmul")
-_CONV_OPS = ("convolution", "conv1d", "conv2d", "conv3d")
 
 
 @dataclass(frozen=True)
@@ -156,34 +161,31 @@ class ExportReport:
 
 
 def sparse_weight_axes(
-    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None
+    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None, *,
+    example_inputs: Any = None, kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, int], list[Skip]]:
     """The weights that can be N:M (``{name: reduction axis}``) and those that cannot, with reasons.
 
-    With a plan: its layers and skips. Otherwise from the model itself: ``nn.Linear`` weights
-    (axis 1), ``ConvNd`` weights (axis 1, input channels), transformers' ``Conv1D`` (axis 0), and
-    in a captured GraphModule the weights read by ``aten.linear`` (axis 1), ``addmm``/``mm``/
-    ``matmul`` (axis 0) and convolutions (axis 1). A weight whose reduction size is not divisible
-    by M is a skip. Tied weights are listed once, under their first name.
+    With a plan: its layers and skips. Otherwise the analysis' own reading of the GEMM weights
+    (:func:`nmgraph.analysis.eligibility.gemm_weight_axes`) on ``model`` when it is a captured graph,
+    or on ``model`` captured with ``example_inputs``; only without either, the module types nmgraph
+    can recognise (:func:`~nmgraph.analysis.eligibility.module_gemm_axes`). A weight whose reduction
+    size is not divisible by M is a skip. Tied weights are listed once, under their first name.
     """
     p = Pattern.parse(pattern)
     if plan is not None:
         return {info.name: info.axis for info in plan.layers}, list(plan.skipped)
-    found: dict[str, int] = {}
-    conv1d = _hf_conv1d_class()
-    for mname, mod in model.named_modules():
-        axis = None
-        if isinstance(mod, torch.nn.Linear) or (isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed):
-            axis = 1
-        elif conv1d is not None and isinstance(mod, conv1d):
-            axis = 0
-        w = getattr(mod, "weight", None)
-        if axis is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
-            found.setdefault(f"{mname}.weight" if mname else "weight", axis)
-    if isinstance(model, torch.fx.GraphModule):
-        for name, axis in _graph_weight_axes(model).items():
-            found.setdefault(name, axis)
-    aliases = _aliases(model)
+    found = module_gemm_axes(model)
+    graph = model if isinstance(model, torch.fx.GraphModule) else None
+    if graph is None and example_inputs is not None:
+        graph = capture(model, example_inputs, kwargs)
+    if graph is not None:
+        try:
+            found = gemm_weight_axes(graph)
+        except UnsupportedError:  # a graph without shape metadata (symbolic_trace): module types only
+            log.info("sparse_weight_axes: %s has no shape metadata; GEMM weights by module type",
+                     type(model).__name__)
+    aliases = parameter_aliases(model)
     out: dict[str, int] = {}
     skips: list[Skip] = []
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -249,10 +251,7 @@ def export(
         raise UnsupportedError(
             f"export() needs a torch.nn.Module or GraphModule, got {type(model_or_gm).__name__}."
         )
-    trt = None
     if format == "tensorrt":
-        from nmgraph import tensorrt as trt
-
         trt.require_tensorrt()
     _require_onnx()
     path = Path(path)
@@ -263,104 +262,100 @@ def export(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
-    seconds: dict[str, float] = {}
-
-    module = model_or_gm
-    axes, skips = sparse_weight_axes(module, p, plan)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    converted = False
-    convert_meta: Mapping[str, Any] = {}
-    if convert is True or (convert == "auto" and nm and not any(nm.values())):
-        t0 = time.perf_counter()
-        converted_gm = _run_convert(module, args, kwargs, p, plan)
-        seconds["convert"] = time.perf_counter() - t0
-        convert_meta = getattr(converted_gm, "meta", {}).get("nmgraph_convert", {})
-        # convert prunes the model's own parameters in place: export the model itself (its module
-        # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
-        if not _shares_parameters(converted_gm, module):
-            module = converted_gm
-        converted = True
-        axes, skips = sparse_weight_axes(module, p, plan)
+    if dynamic_batch and exporter in ("auto", "dynamo"):
+        batch_dynamic_shapes(model_or_gm, args, kwargs)  # refuses inputs it cannot match, before any change
+    # convert prunes the model's own weights and the export sets eval mode: on any failure, undo both
+    with Rollback() as undo:
+        undo.keep_module(model_or_gm)
+        seconds: dict[str, float] = {}
+        module = model_or_gm
+        axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
         params = dict(module.named_parameters(remove_duplicate=False))
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    model_dense = list(skips)
-    violations: list[Skip] = []
-    left_dense = {s.name: s.reason for s in convert_meta.get("skipped", ())}
-    for name, ok in nm.items():
-        if ok:
-            continue
-        why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
-               f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
-        skip = Skip(name, why)
-        model_dense.append(skip)
-        if plan is not None:
-            violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
-    missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
-    if missing:
-        raise PlanError(
-            f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
-        )
+        converted = False
+        left_dense: dict[str, str] = {}
+        if convert is True or (convert == "auto" and nm and not any(nm.values())):
+            t0 = time.perf_counter()
+            converted_gm, convert_plan = _run_convert(module, args, kwargs, p, plan, undo)
+            seconds["convert"] = time.perf_counter() - t0
+            left_dense = {s.name: s.reason for s in convert_plan.skipped}
+            # convert prunes the model's own parameters in place: export the model itself (its module
+            # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
+            if not _shares_parameters(converted_gm, module):
+                module = converted_gm
+            converted = True
+            axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
+            params = dict(module.named_parameters(remove_duplicate=False))
+            nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
+        model_dense = list(skips)
+        violations: list[Skip] = []
+        for name, ok in nm.items():
+            if ok:
+                continue
+            why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
+                   f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
+            skip = Skip(name, why)
+            model_dense.append(skip)
+            if plan is not None:
+                violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
+        missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
+        if missing:
+            raise PlanError(
+                f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
+            )
 
-    export_module, export_args, export_kwargs = module, args, kwargs
-    if fp16:
-        export_module = copy.deepcopy(module).to(torch.float16)
-        export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
-    _set_eval(export_module)
-    t0 = time.perf_counter()
-    used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
-                              dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
-                              output_names=output_names)
-    seconds["export"] = time.perf_counter() - t0
-    onnx_opset = _check_model(onnx_path)
-
-    diffs: tuple[float, ...] = ()
-    tol = None
-    if verify:
+        export_module, export_args, export_kwargs = module, args, kwargs
+        if fp16:
+            export_module = copy.deepcopy(module).to(torch.float16)
+            export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
+        set_eval(export_module)
         t0 = time.perf_counter()
-        dtype = torch.float16 if fp16 else _model_dtype(module)
-        default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-        tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
-        diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
-        seconds["verify"] = time.perf_counter() - t0
+        used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
+                                  dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
+                                  output_names=output_names)
+        seconds["export"] = time.perf_counter() - t0
+        onnx_opset = _check_model(onnx_path)
 
-    t0 = time.perf_counter()
-    expected = {name for name, ok in nm.items() if ok}
-    check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
-    seconds["check"] = time.perf_counter() - t0
-    report = ExportReport(
-        path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
-        dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
-        model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
-        tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
-    )
-    if strict and report.lost:
-        raise StrictModeError(
-            f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
-            + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
-        )
-    for s in violations:
-        log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
-    if trt is not None:
+        diffs: tuple[float, ...] = ()
+        tol = None
+        if verify:
+            t0 = time.perf_counter()
+            dtype = torch.float16 if fp16 else _model_dtype(module)
+            default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+            tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+            diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
+            seconds["verify"] = time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
-                                  dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
-        seconds["tensorrt"] = time.perf_counter() - t0
-        report = _replace(report, engine_path=str(engine))
-    log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
-             len(check.dense))
-    return report
+        expected = {name for name, ok in nm.items() if ok}
+        check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
+        seconds["check"] = time.perf_counter() - t0
+        report = ExportReport(
+            path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
+            dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
+            model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
+            tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
+        )
+        if strict and report.lost:
+            raise StrictModeError(
+                f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
+                + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
+            )
+        for s in violations:
+            log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
+        if format == "tensorrt":
+            t0 = time.perf_counter()
+            engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
+                                      dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
+            seconds["tensorrt"] = time.perf_counter() - t0
+            report = _replace(report, engine_path=str(engine))
+        log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
+                 len(check.dense))
+        return report
 
 
 # --- steps ---------------------------------------------------------------------------------------
-
-
-def _set_eval(module: torch.nn.Module) -> None:
-    try:
-        module.eval()
-    except NotImplementedError:  # torch.export's module() refuses eval(); set the flags directly
-        torch.nn.Module.train(module, False)
 
 
 def _replace(report: ExportReport, **changes: Any) -> ExportReport:
@@ -379,31 +374,16 @@ def _require_onnx() -> None:
             ) from e
 
 
-def _optional(module: str, attr: str) -> Any:
-    """``module.attr`` if that nmgraph module exists, else ``None`` (it may not be installed yet)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
-def _run_convert(module, args, kwargs, p: Pattern, plan) -> torch.nn.Module:
-    convert_fn = _optional("nmgraph.training", "convert")
-    if convert_fn is None:
-        raise UnsupportedError(
-            f"No weight of {type(module).__name__} is {p} yet and nmgraph.convert is not available "
-            f"in this install. Prune first (w.mul_(nmgraph.nm_mask(w, '{p}')) on every Linear/Conv "
-            "weight) or install the full nmgraph."
-        )
-    from nmgraph.capture import capture
-
+def _run_convert(module: torch.nn.Module, args: tuple, kwargs: dict, p: Pattern,
+                 plan: SparsityPlan | None, undo: Rollback) -> tuple[torch.fx.GraphModule, SparsityPlan]:
+    """Prunes ``module`` (its own parameters, through a captured graph) to ``p``; returns the graph and plan.
+    The pruned tensors are recorded in ``undo`` first."""
     gm = module if isinstance(module, torch.fx.GraphModule) else capture(module, args, kwargs)
-    extra = {"plan": plan} if plan is not None and _accepts(convert_fn, "plan") else {}
-    out = convert_fn(gm, pattern=p, **extra)
-    return getattr(out, "gm", out)
+    plan = plan if plan is not None else analyze(gm, p)
+    config = PruneWeightsConfig(plan)
+    undo.keep_tensors(t for t in (fetch_attr(gm, info.name) for info in plan.layers) if isinstance(t, torch.Tensor))
+    run_passes(gm, (prune_weights,), config)
+    return gm, plan
 
 
 def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
@@ -412,15 +392,6 @@ def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
         return True
     own = dict(model.named_parameters(remove_duplicate=False))
     return all(own.get(name) is t for name, t in gm.named_parameters(remove_duplicate=False))
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -438,79 +409,10 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
     )
 
 
-def _hf_conv1d_class() -> type | None:
-    import sys
-
-    if "transformers" not in sys.modules:
-        return None  # nothing can be an instance of it
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _graph_weight_axes(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """Weights read directly (``get_attr``) by GEMM / conv nodes of a captured graph."""
-    aten = torch.ops.aten
-    rules: dict[Any, tuple[int, int]] = {}  # op -> (weight arg index, reduction axis)
-    for name in _LINEAR_OPS:
-        rules[getattr(aten, name).default] = (1, 1)
-    rules[aten.addmm.default] = (2, 0)
-    rules[aten.mm.default] = (1, 0)
-    rules[aten.matmul.default] = (1, 0)
-    for name in _CONV_OPS:
-        op = getattr(aten, name)
-        for overload in op.overloads():
-            rules[getattr(op, overload)] = (1, 1)
-    out: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in rules:
-            continue
-        idx, axis = rules[node.target]
-        if len(node.args) <= idx:
-            continue
-        w = node.args[idx]
-        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-            continue
-        if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6]:
-            continue  # transposed convolution
-        out.setdefault(str(w.target), axis)
-    return out
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, str]:
-    from nmgraph.onnx_check import parameter_aliases
-
-    return parameter_aliases(model)
-
-
 def _flat_tensors(tree: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree
 
     return [x for x in _pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-
-
-def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    from torch.utils import _pytree
-
-    batch = torch.export.Dim("batch", min=1)
-
-    def spec(x: Any) -> Any:
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
-
-    if not kwargs:
-        return tuple(_pytree.tree_map(spec, a) for a in args)
-    import inspect
-
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise UnsupportedError(
-            f"dynamic_batch=True: cannot match the example inputs to {type(module).__name__}.forward's "
-            f"parameters ({e}); pass all inputs positionally."
-        ) from e
-    return {k: _pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
 def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter, input_names,
@@ -519,7 +421,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     failures: list[str] = []
     if exporter in ("auto", "dynamo"):
         try:
-            dynamic_shapes = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
+            dynamic_shapes = batch_dynamic_shapes(module, args, kwargs) if dynamic_batch else None
             with torch.no_grad():
                 program = torch.onnx.export(
                     module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
@@ -651,8 +553,16 @@ def _compare(module, args, kwargs, session, tol, what: str) -> list[float]:
             f"example inputs hold {len(feeds_t)} tensors; pass inputs exactly as the model is called."
         )
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_t)}
-    with torch.no_grad():
-        ref = _flat_tensors(module(*args, **kwargs))
+    try:
+        with torch.no_grad():
+            ref = _flat_tensors(module(*args, **kwargs))
+    except Exception as e:
+        raise VerificationError(
+            f"The PyTorch model itself fails on {what} ({type(e).__name__}: {_first_line(e)}), so the "
+            "export cannot be verified there"
+            + ("; the model does not run at another batch size: export with dynamic_batch=False."
+               if "batch size + 1" in what else ".")
+        ) from e
     got = session.run(None, feeds)
     if len(got) != len(ref):
         raise VerificationError(

@@ -12,7 +12,7 @@ Methods (``search_permutation(method=...)``):
 * ``"none"``: the identity.
 * ``"random"``: the best of a few seeded random permutations, never worse than the identity.
 * ``"greedy"`` (default): channel swaps (Pool & Yu 2021). The gain of *every* swap of two channels
-  in different stripes is computed at once (see :mod:`nmgraph._search_kernels` for the exact
+  in different stripes is computed at once (see :mod:`nmgraph.search.kernels` for the exact
   identity); each round adopts the best swap and every other swap whose stripes are disjoint from
   the swaps already taken (their gains add up exactly), then only the rows of the score tables that
   those stripes touch are recomputed. When no swap gains, up to ``max_regressions`` times a random
@@ -38,15 +38,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nmgraph import _search_kernels as kernels
 from nmgraph.errors import PlanError, ShapeError
 from nmgraph.pattern import Pattern, PatternLike
+from nmgraph.search import kernels
 
-__all__ = ["METHODS", "SearchResult", "kept_score", "search_permutation", "unstructured_bound"]
+__all__ = ["SEARCHES", "SearchResult", "kept_score", "search_permutation", "unstructured_bound"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "random", "greedy", "exhaustive")
+#: The search methods; every list of search names in nmgraph (permute, CLI) is this one.
+SEARCHES = ("none", "random", "greedy", "exhaustive")
 
 # Search constants, in one place.
 DEFAULT_WINDOW = 256  # channels per window: one gain table is rows * window^2 work
@@ -438,10 +439,10 @@ def search_permutation(
     True
     """
     p = Pattern.parse(pattern)
-    if method not in METHODS:
+    if method not in SEARCHES:
         raise PlanError(
             f"unknown permutation search method {method!r}; accepted values: "
-            f"{', '.join(repr(m) for m in METHODS)}."
+            f"{', '.join(repr(m) for m in SEARCHES)}."
         )
     _check_matrix(matrix, p)
     rows, c = matrix.shape

@@ -1,0 +1,148 @@
+"""The op vocabulary of the analysis: named sets of aten ops, and the one GEMM-weight table.
+
+Everything in nmgraph that asks "is this op a GEMM, which argument is its weight, along which axis
+does it reduce" asks :data:`GEMM_WEIGHTS` (eligibility, lowering, export, deployment). Rules and
+helpers that need to know what kind of op a node runs test membership in the sets here, never the
+identity of a rule function, so the rules table can be split and extended without import circles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "BINARY_OPS",
+    "CAST_OPS",
+    "EXPAND_OPS",
+    "FILL_OPS",
+    "GEMM_WEIGHTS",
+    "GROUPED_MM_OPS",
+    "METADATA_OPS",
+    "NORM_TUPLE_OPS",
+    "REDUCE_OPS",
+    "SPLIT_OPS",
+    "TRANSPOSE_OPS",
+    "UNARY_OPS",
+    "GemmWeight",
+    "gemm_weight",
+    "is_grouped_mm",
+    "lowers_to_linear",
+    "qualified_name",
+]
+
+aten = torch.ops.aten
+
+#: Same shape in, same shape out, channels unchanged (elementwise unary ops, dropout, casts).
+UNARY_OPS = frozenset([
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.tanh.default, aten.sigmoid.default, aten.neg.default, aten.abs.default, aten.exp.default,
+    aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.erf.default, aten.square.default,
+    aten.pow.Tensor_Scalar, aten.dropout.default, aten.native_dropout.default, aten.clone.default,
+    aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+    aten.alias.default, aten.detach.default, aten.hardtanh.default, aten.hardtanh_.default,
+    aten.leaky_relu.default, aten.elu.default, aten.softplus.default, aten.hardswish.default,
+    aten.hardsigmoid.default, aten.mish.default,
+    aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.clamp.default,
+    aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default, aten.lift_fresh_copy.default,
+    aten.gelu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.dropout_.default,
+    aten.feature_dropout.default, aten.alpha_dropout.default,
+])
+#: Elementwise ops of several operands, with broadcasting.
+BINARY_OPS = frozenset([
+    aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
+    aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor, aten.where.self, aten.maximum.default,
+    aten.minimum.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.pow.Tensor_Tensor,
+    aten.where.ScalarOther, aten.where.ScalarSelf,
+])
+#: Permutation-invariant reductions over their ``dim`` argument.
+REDUCE_OPS = frozenset([
+    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.amax.default,
+    aten.amin.default, aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim,
+    aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default, aten.logsumexp.default,
+])
+TRANSPOSE_OPS = frozenset([aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default])
+#: Ops whose outputs are read through ``getitem``: one part of the input each.
+SPLIT_OPS = frozenset([aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+                       aten.tensor_split.indices, aten.split.sizes])
+#: Ops returning a tuple whose first element carries the input's channels (the rest: statistics, masks).
+NORM_TUPLE_OPS = frozenset([
+    aten.native_dropout.default, aten._native_batch_norm_legit_no_training.default,
+    aten.native_batch_norm.default, aten._native_batch_norm_legit.default, aten.native_layer_norm.default,
+    aten.native_group_norm.default, aten._native_batch_norm_legit_functional.default,
+])
+#: Reads of a weight that change neither its values' order nor its shape (``W.to(x.dtype)``, ``W.float()``).
+CAST_OPS = frozenset([aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+                      aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default])
+#: Repetition of size-1 axes.
+EXPAND_OPS = frozenset([aten.expand.default, aten.expand_as.default, aten.broadcast_to.default])
+#: Tensors filled with one value.
+FILL_OPS = frozenset([aten.full.default, aten.ones.default, aten.zeros.default, aten.full_like.default,
+                      aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default])
+#: Ops that read only metadata (shape asserts, sizes): no use of a tensor's values.
+METADATA_OPS = frozenset([aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default])
+#: Grouped GEMMs of MoE experts, by ``OpOverload`` and, for ops of other libraries' ``torch.library``
+#: namespaces (importing them here would import the library), by qualified name.
+GROUPED_MM_OPS = frozenset([aten._grouped_mm.default])
+GROUPED_MM_NAMES = frozenset(["transformers.grouped_mm_fallback.default"])
+
+
+def qualified_name(target: Any) -> str | None:
+    """``namespace.op.overload`` of an ``OpOverload`` (``None`` for anything else)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    return f"{target.namespace}.{target._opname}.{target._overloadname}"
+
+
+def is_grouped_mm(target: Any) -> bool:
+    return target in GROUPED_MM_OPS or qualified_name(target) in GROUPED_MM_NAMES
+
+
+@dataclass(frozen=True)
+class GemmWeight:
+    """How one GEMM-like op reads its weight.
+
+    ``weight_arg``: position of the weight operand; ``axis``: the weight's reduction axis;
+    ``kind``: the name reports use (``"linear"``, ``"addmm"``, ``"mm"``, ``"matmul"``, ``"conv"``);
+    ``x_arg`` / ``bias_arg``: positions of the activation and bias (``None``: none);
+    ``lowers``: nmgraph's sparse linear kernels can run it (2-D ``x @ W^T + b``).
+    """
+
+    weight_arg: int
+    axis: int
+    kind: str
+    x_arg: int = 0
+    bias_arg: int | None = None
+    lowers: bool = False
+
+
+_CONV = GemmWeight(1, 1, "conv", 0, 2)
+
+#: op -> how it reads its weight. The one table of GEMM-like ops.
+GEMM_WEIGHTS: dict[Any, GemmWeight] = {
+    aten.linear.default: GemmWeight(1, 1, "linear", 0, 2, lowers=True),
+    aten.addmm.default: GemmWeight(2, 0, "addmm", 1, 0, lowers=True),
+    aten.mm.default: GemmWeight(1, 0, "mm"),
+    aten.matmul.default: GemmWeight(1, 0, "matmul"),
+    aten.conv1d.default: _CONV,
+    aten.conv2d.default: _CONV,
+    aten.conv3d.default: _CONV,
+    aten.conv1d.padding: _CONV,  # padding="same" / "valid"
+    aten.conv2d.padding: _CONV,
+    aten.conv3d.padding: _CONV,
+    aten.convolution.default: _CONV,
+}
+
+
+def gemm_weight(target: Any) -> GemmWeight | None:
+    return GEMM_WEIGHTS.get(target)
+
+
+def lowers_to_linear(kind: str, axis: int) -> bool:
+    """Whether an eligible weight used by a GEMM of ``kind`` along ``axis`` runs on the sparse
+    linear kernels: ``linear``/``addmm``, and ``x @ W.T`` (``mm``/``matmul`` along axis 1, which
+    lowering rewrites to ``linear``)."""
+    specs = [s for s in GEMM_WEIGHTS.values() if s.kind == kind]
+    return any(s.lowers for s in specs) or (kind in ("mm", "matmul") and axis == 1)

@@ -1,0 +1,154 @@
+"""Helpers over FX nodes: tensor metadata, arguments by schema name, and how a node reads a weight."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from nmgraph.analysis.aten_ops import CAST_OPS, TRANSPOSE_OPS
+from nmgraph.errors import UnsupportedError
+from nmgraph.graph import fetch_attr
+
+__all__ = [
+    "arg_of",
+    "attr_value",
+    "conv_groups",
+    "is_weight",
+    "linear_of_transposed",
+    "module_of",
+    "mutates",
+    "norm_dim",
+    "op_name",
+    "shape_of",
+    "transposed_weight",
+    "val_of",
+    "weight_source",
+]
+
+aten = torch.ops.aten
+
+
+def val_of(node: Any) -> torch.Tensor | None:
+    """The tensor metadata (fake tensor or ``tensor_meta``) of ``node``; ``None`` if it has none."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return v
+    v = node.meta.get("tensor_meta")
+    return v if v is not None and hasattr(v, "shape") else None
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...]:
+    """The static shape of the tensor ``node`` computes; :class:`UnsupportedError` when it is not recorded."""
+    v = val_of(node)
+    if v is None and node.op == "get_attr":
+        v = attr_value(node)
+    if v is None:
+        raise UnsupportedError(
+            f"node {node.format_node()} has no tensor metadata ('val'); capture the model with "
+            "nmgraph.capture (torch.export) so shapes are recorded."
+        )
+    return tuple(int(s) for s in v.shape)
+
+
+def attr_value(node: fx.Node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (``None`` if it names no tensor)."""
+    obj = fetch_attr(node.graph.owning_module, str(node.target))
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` may write into one of its inputs (in-place ops, ``copy_``) or is opaque."""
+    if node.op != "call_function":
+        return True  # call_module / call_method: not analyzable, keep their barriers
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.target is not operator.getitem
+    return bool(schema.is_mutable)
+
+
+def op_name(node: fx.Node) -> str:
+    """What ``node`` runs, as users read it (``aten.linear.default``)."""
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", node.target)) if not isinstance(
+            node.target, torch._ops.OpOverload) else str(node.target)
+    return f"{node.op} {node.target}"
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    """``dim`` as a non-negative axis of an ``ndim``-D tensor."""
+    return dim % ndim if ndim else 0
+
+
+def arg_of(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of an aten call, positional or keyword, found through the op's schema
+    (``linalg_vector_norm(x, ord, dim, keepdim)`` and ``std.dim(x, dim, unbiased, keepdim)`` put
+    ``dim`` and ``keepdim`` at different positions)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            if a.name == name:
+                if not a.kwarg_only and i < len(node.args):
+                    return node.args[i]
+                break
+    return node.kwargs.get(name, default)
+
+
+def is_weight(node: Any) -> bool:
+    """Whether ``node`` reads a parameter or buffer of the graph module (``get_attr``)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def weight_source(node: Any) -> Any:
+    """``W`` for ``W.to(dtype)`` / ``W.float()`` / ``W.contiguous()`` (chains too); else ``node``."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in CAST_OPS and \
+            isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def transposed_weight(node: Any, batched: bool = False) -> fx.Node | None:
+    """The 2-D parameter ``W`` when ``node`` is ``W.T`` (``t``, ``numpy_T``, ``transpose(0, 1)``,
+    ``permute([1, 0])``): ``x @ W.T`` is a Linear with ``W`` stored ``[out, in]`` (Falcon).
+    ``batched``: instead a 3-D ``W [experts, out, in]`` read as ``W.transpose(-2, -1)``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in TRANSPOSE_OPS:
+        return None
+    w = node.args[0]
+    nd = 3 if batched else 2
+    if not is_weight(w) or len(shape_of(w)) != nd:
+        return None
+    if node.target is aten.transpose.int and {norm_dim(d, nd) for d in node.args[1:3]} != {nd - 2, nd - 1}:
+        return None
+    if node.target is aten.permute.default and [norm_dim(d, nd) for d in node.args[1]] != [*range(nd - 2), nd - 1,
+                                                                                          nd - 2]:
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default) and batched:
+        return None
+    return w
+
+
+def linear_of_transposed(node: fx.Node) -> fx.Node | None:
+    """``W`` when ``node`` computes ``x @ W.T`` (``mm``/``matmul`` of a transposed 2-D parameter),
+    which is ``aten.linear(x, W)``."""
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.matmul.default) or \
+            len(node.args) != 2 or node.args[0] is node.args[1]:
+        return None
+    return transposed_weight(node.args[1])
+
+
+def conv_groups(node: fx.Node) -> int:
+    """``groups`` of a convolution node."""
+    return int(arg_of(node, "groups", 1))
+
+
+def module_of(node: fx.Node, pname: str) -> str:
+    """Qualified name of the module whose forward ran ``node`` (from ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path).replace("L['self'].", "").replace("L__self___", "")
+    return pname.rsplit(".", 1)[0] if "." in pname else ""
