@@ -54,6 +54,8 @@ class CompileOptions:
     instead of leaving a layer dense; ``method``: the training method of ``mode="train"``;
     ``dispatcher`` or ``cache_path``: the per-layer backend measurements (a persistent JSON cache);
     ``inductor``: compile the lowered graph with inductor (positional inputs only);
+    ``inductor_mode``: inductor's mode for it, as ``torch.compile(mode=...)``: ``"reduce-overhead"``
+    captures CUDA graphs (inductor's cudagraph trees; docs/deploy.md), ``"max-autotune"``, ...;
     ``tensorrt_options``: keyword arguments of Torch-TensorRT.
     """
 
@@ -69,6 +71,7 @@ class CompileOptions:
     dispatcher: Dispatcher | None = None
     cache_path: Any = None
     inductor: bool = False
+    inductor_mode: str = "default"
     tensorrt_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,13 @@ class CompileOptions:
             raise UnsupportedError(f"nmgraph.compile(search={self.search!r}) is not one of {', '.join(SEARCHES)}.")
         check_seed(self.seed, "nmgraph.compile")
         check_time_limit(self.time_limit, "nmgraph.compile")
+        if self.inductor_mode != "default":
+            modes = inductor_modes()
+            if self.inductor_mode not in modes:
+                raise UnsupportedError(
+                    f"nmgraph.compile(inductor_mode={self.inductor_mode!r}) is not one of {', '.join(modes)} "
+                    "(torch.compile's modes)."
+                )
         if self.dispatcher is not None and not isinstance(self.dispatcher, Dispatcher):
             raise UnsupportedError(
                 f"nmgraph.compile(dispatcher=...) must be an nmgraph.backends.dispatch.Dispatcher, got "
@@ -121,6 +131,21 @@ class CompileReport:
         return "\n".join(parts)
 
 
+def inductor_modes() -> tuple[str, ...]:
+    """The modes inductor knows (``torch.compile(mode=...)``)."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str = "default") -> Any:
+    """``gm`` compiled by inductor in ``mode`` (``"reduce-overhead"``: CUDA graphs, via cudagraph trees)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=dict(list_mode_options(mode)))
+
+
 def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
     def sig(x):
         return (tuple(x.shape), str(x.dtype), str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
@@ -152,9 +177,10 @@ class CompiledModule(torch.nn.Module):
             self._graphs[sig] = gm
         return gm(*args, **kwargs)
 
-    def _build(self, args, kwargs, sig, *, lowered_only: bool = False) -> Any:
+    def _build(self, args, kwargs, sig, *, lowered_only: bool = False, dynamic_rows: bool = False) -> Any:
         """Runs the pipeline for one input signature; returns what calls with it run (or, with
-        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
+        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that).
+        ``dynamic_rows``: the graph will be called with other shapes (Dynamo's dynamic shapes)."""
         opts = self.options
         if self.mode == "train":
             return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
@@ -177,7 +203,7 @@ class CompiledModule(torch.nn.Module):
                                        time_limit=opts.time_limit, progress=opts.progress)
             run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
             try:
-                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only)
+                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only, dynamic_rows)
             except BaseException:
                 self.report.lowerings.pop(sig, None)
                 self.report.runs.pop(sig, None)
@@ -203,14 +229,16 @@ class CompiledModule(torch.nn.Module):
                     "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
                 )
 
-    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool) -> Any:
+    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool,
+               dynamic_rows: bool = False) -> Any:
         opts = self.options
         if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
             return compile_torch_tensorrt(gm, list(args), **dict(opts.tensorrt_options))
         # every eligible weight: lower_linears lowers what a sparse kernel can read and reports the rest
         weights = {i.name: i.axis for i in plan.layers}
         result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=self.backend,
-                                                      dispatcher=self._dispatcher, strict=opts.strict))
+                                                      dispatcher=self._dispatcher, strict=opts.strict,
+                                                      dynamic_rows=dynamic_rows))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
         if lowered_only:
@@ -219,10 +247,8 @@ class CompiledModule(torch.nn.Module):
             if kwargs:
                 raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
                                        "compiled module without keyword arguments or leave inductor off.")
-            from torch._inductor.compile_fx import compile_fx
-
             self.report.runs[sig] = "inductor"
-            return compile_fx(result.gm, list(args))
+            return compile_with_inductor(result.gm, args, opts.inductor_mode)
         if not result.changed_nodes:
             # Nothing runs a sparse kernel (always so on a CPU): the model's own parameters already hold
             # the permuted, pruned weights (capture shares them), so its eager forward computes what
@@ -289,22 +315,30 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     them from each call. The sparsified, lowered graph then goes to inductor (the nmgraph ops have
     fake implementations, so inductor compiles the rest of the graph around them); pass
     ``options={"inductor": False}`` to run it as an FX graph instead.
+
+    ``torch.compile(model, backend="nmgraph", mode="reduce-overhead")`` (or, since torch.compile takes
+    ``mode`` or ``options`` but not both, ``options={..., "inductor_mode": "reduce-overhead"}``)
+    compiles it with inductor's CUDA graphs (docs/deploy.md). When Dynamo hands over a graph with
+    dynamic shapes (a size among the inputs), every lowered op also gets its layer's dense weight,
+    which it runs for rows outside its kernels' range (prefill sizes through a decode kernel).
     """
     options = dict(kwargs.get("options") or {})
     pattern = options.pop("pattern", "2:4")
     backend = options.pop("backend", "auto")
     use_inductor = options.pop("inductor", True)
+    if kwargs.get("mode") is not None:
+        options.setdefault("inductor_mode", kwargs["mode"])
     CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
                              also=("pattern", "backend"))
     bound, real_idx = _bind_parameters(gm, example_inputs)
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]
-    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True)
+    dynamic = any(isinstance(e, torch.SymInt) for e in real_examples)
+    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
+                              dynamic_rows=dynamic)
     runner: Any = lowered
     if use_inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        runner = compile_fx(lowered, real_examples)
+        runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
     n_all = len(example_inputs)
 
     def run(*args: Any) -> Any:

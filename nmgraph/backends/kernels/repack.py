@@ -158,9 +158,22 @@ class PackedNM:
         values = self.values[:, :kept].contiguous()
         return CompressedNM(values, packed.contiguous(), self.shape, self.n, self.m, self.axis)
 
+    def linear_dense(self) -> torch.Tensor:
+        """The dense ``[rows, K]`` weight (``[out_features, in_features]``, pruned entries zero).
+
+        Tensor ops on ``values`` and ``words`` only (no host reads), so it also runs on fake tensors
+        (the backward of the Triton graph op) and inside a CUDA graph.
+        """
+        rows, groups = self.rows, self.k // self.m
+        idx = self.unpack_indices().view(rows, groups, self.n)
+        dense = self.values.new_zeros(rows, groups, self.m)
+        dense.scatter_(-1, idx, self.values[:, : self.kept].reshape(rows, groups, self.n))
+        return dense.view(rows, self.k)
+
     def to_dense(self) -> torch.Tensor:
         """The dense weight of the original shape (pruned entries zero)."""
-        return self.to_compressed().to_dense()
+        dense = self.linear_dense()
+        return dense if self.axis % 2 == 1 else dense.t().contiguous()
 
     def to(self, *args, **kwargs) -> PackedNM:
         """Moves values (device and dtype) and words (device only)."""
