@@ -8,6 +8,7 @@ since they change the model's own parameters in place.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -177,16 +178,17 @@ class CompiledModule(torch.nn.Module):
             self._graphs[sig] = gm
         return gm(*args, **kwargs)
 
-    def _build(self, args, kwargs, sig, *, lowered_only: bool = False, dynamic_rows: bool = False) -> Any:
+    def _build(self, args, kwargs, sig, *, lowered_only: bool = False, dynamic_shapes: Any = None) -> Any:
         """Runs the pipeline for one input signature; returns what calls with it run (or, with
         ``lowered_only``, always the lowered graph: the torch.compile backend compiles that).
-        ``dynamic_rows``: the graph will be called with other shapes (Dynamo's dynamic shapes)."""
+        ``dynamic_shapes``: captured so (Dynamo's dynamic shapes): the graph is called with other sizes."""
+        dynamic_rows = dynamic_shapes is not None
         opts = self.options
         if self.mode == "train":
             return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
             require_tensorrt("torch_tensorrt")
-        gm = capture(self.model, args, kwargs)
+        gm = capture(self.model, args, kwargs, dynamic_shapes=dynamic_shapes)
         plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
         if self._dispatcher is None and self.backend != "tensorrt":
             self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
@@ -307,6 +309,45 @@ def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
     return gm, real
 
 
+def _sizes_from_tensors(gm: fx.GraphModule, real: list[int], example_inputs: Sequence[Any]
+                        ) -> tuple[fx.GraphModule, list[int], Any]:
+    """With dynamic shapes Dynamo passes sizes (``SymInt``) beside the tensors. Each size input is
+    replaced by ``aten.sym_size`` of the tensor dim it names, and the dims Dynamo made dynamic are
+    given to ``torch.export`` as ``Dim.AUTO``, so the graph is captured with symbolic sizes. Returns the
+    graph, the indices of the inputs it still takes, and the ``dynamic_shapes`` (``None``: static)."""
+    sizes = [i for i in real if isinstance(example_inputs[i], torch.SymInt)]
+    if not sizes:
+        return gm, real, None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_position = dict(zip(real, placeholders))
+    tensors = [i for i in real if isinstance(example_inputs[i], torch.Tensor)]
+    where: dict[str, tuple[fx.Node, int]] = {}
+    for i in tensors:
+        val = by_position[i].meta.get("example_value")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                where.setdefault(str(size), (by_position[i], d))
+    if any(str(by_position[i].meta.get("example_value")) not in where for i in sizes):
+        return gm, real, None  # a size no tensor input carries: the caller runs the graph unlowered
+    for i in sizes:
+        node = by_position[i]
+        found = where[str(node.meta.get("example_value"))]
+        if node.users:
+            with gm.graph.inserting_after(found[0]):
+                size = gm.graph.call_function(torch.ops.aten.sym_size.int, found)
+            node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    dynamic = {str(by_position[i].target): {d: torch.export.Dim.AUTO for d, s in
+                                            enumerate(by_position[i].meta["example_value"].shape)
+                                            if isinstance(s, torch.SymInt)} for i in tensors}
+    specs = tuple(dynamic[str(by_position[i].target)] or None for i in tensors)
+    params = list(inspect.signature(gm.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one spec for args
+        return gm, tensors, (specs,)
+    return gm, tensors, specs
+
+
 def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend="nmgraph", options={"pattern": "2:4", ...})``.
 
@@ -319,8 +360,10 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     ``torch.compile(model, backend="nmgraph", mode="reduce-overhead")`` (or, since torch.compile takes
     ``mode`` or ``options`` but not both, ``options={..., "inductor_mode": "reduce-overhead"}``)
     compiles it with inductor's CUDA graphs (docs/deploy.md). When Dynamo hands over a graph with
-    dynamic shapes (a size among the inputs), every lowered op also gets its layer's dense weight,
-    which it runs for rows outside its kernels' range (prefill sizes through a decode kernel).
+    dynamic shapes (sizes among the inputs), it is captured with those sizes symbolic, every lowered
+    op also gets its layer's dense weight, which it runs for rows outside its kernels' range (prefill
+    sizes through a decode kernel), and the graph runs as an FX graph (inductor would specialise it
+    to one shape); ``dynamic=False`` keeps one inductor graph per shape instead.
     """
     options = dict(kwargs.get("options") or {})
     pattern = options.pop("pattern", "2:4")
@@ -331,15 +374,30 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
                              also=("pattern", "backend"))
     bound, real_idx = _bind_parameters(gm, example_inputs)
+    bound, real_idx, dynamic_shapes = _sizes_from_tensors(bound, real_idx, example_inputs)
+    n_all = len(example_inputs)
+    if any(isinstance(example_inputs[i], torch.SymInt) for i in real_idx):
+        # sizes no input tensor carries: this graph cannot be captured with them symbolic
+        log.warning("nmgraph backend: Dynamo passed sizes that no input tensor carries; this graph runs as "
+                    "Dynamo traced it, with the model's current weights and no sparse kernel. Use "
+                    "torch.compile(..., dynamic=False) (one graph per shape) or nmgraph.compile.")
+
+        def run_unlowered(*args: Any) -> Any:
+            return bound(*(tuple(args[i] for i in real_idx) if len(args) == n_all else args))
+
+        return run_unlowered
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]
-    dynamic = any(isinstance(e, torch.SymInt) for e in real_examples)
     lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
-                              dynamic_rows=dynamic)
+                              dynamic_shapes=dynamic_shapes)
     runner: Any = lowered
-    if use_inductor:
+    if use_inductor and dynamic_shapes is not None:
+        # compile_fx specialises the graph to the example shapes, and Dynamo calls this graph with any
+        # size: the lowered graph runs as an FX graph, right at every shape (CUDA graphs are per shape
+        # anyway: torch.compile(..., dynamic=False) keeps one inductor graph per shape).
+        log.info("nmgraph backend: dynamic shapes; the lowered graph runs without inductor")
+    elif use_inductor:
         runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
-    n_all = len(example_inputs)
 
     def run(*args: Any) -> Any:
         if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now

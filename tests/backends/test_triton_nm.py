@@ -179,7 +179,7 @@ def test_the_op_does_no_host_sync_and_launches_one_kernel_per_call(monkeypatch):
 
 
 def test_op_fake_shapes_backward_and_errors():
-    w, c, b = _layer(64, 64, "2:4", torch.float16, seed=8)
+    w, c, _ = _layer(64, 64, "2:4", torch.float16, seed=8)
     prepared = TritonBackend().prepare(c)
     p = prepared.packed
     with torch._subclasses.FakeTensorMode() as mode:
