@@ -11,8 +11,14 @@ For every kernel/config below this script
    and load widths, MMA kind (``wgmma`` = HGMMA, ``mma.sync`` = HMMA), registers, spills;
 3. normalises per *dense weight element* of the tile one iteration covers;
 4. runs a roofline / issue / latency model of H100 SXM and H200 (assumptions in ``CORNERS``/``HW``
-   and below) and prints predicted ``dense / nmgraph`` time ratios, the old kernel
-   (``nmgraph.backends.triton_nm``) beside the new ones.
+   and below) and prints predicted ``dense / nmgraph`` time ratios for the path the Triton backend
+   takes at each M (``nmgraph.backends.triton_nm.kernel_path``: GEMV at M <= 2, tensor-core kernel at
+   3..64 for 2:4 / 1:4 in fp16, declined otherwise), and what ``backend="auto"`` would then run (the
+   kernel where it is estimated >= 1.02x dense, else dense: 1.00x).
+
+The kernel this replaced (``nm_gemm_kernel``, removed from ``nmgraph/backends/triton_nm.py``) was
+modelled by this script up to commit 5832f44 (``git show 5832f44:benchmarks/kernel_static.py``);
+its figures are kept in docs/benchmarks.md.
 
 Nothing here runs a kernel: every time and ratio it prints is an estimate from compiled code
 (about +-35 %, see the corners); only a GPU measures (``benchmarks/gpu_check.py``).
@@ -37,8 +43,7 @@ Model (per kernel call, one GPU, one corner):
   compute period) / c))`` + ``rounds * L`` (the CTAs that start together in one round of ``c`` per SM
   find the memory pipe empty: one latency per round) + drain (one tile computed by its CTA alone, then
   ``L / 2`` for the result store) + split-K epilogue (``L`` + partial reads) + one
-  launch ``t0`` per kernel (the old kernel's small-M path adds two ``t_small`` kernels: the
-  ``torch.zeros`` fill and the fp32 -> fp16 cast);
+  launch ``t0`` per kernel (one per call for every path of the backend's op);
 * dense (cuBLAS at decode sizes, memory-bound): ``t0 + N * K * 2 / (BW * eta_dense)``.
 """
 
@@ -268,7 +273,7 @@ class Case:
     """One compiled kernel configuration and what one loop iteration covers."""
 
     name: str
-    kind: str                 # "gemv", "mma" or "old"
+    kind: str                 # "gemv" or "mma"
     n: int
     m: int
     dtype: str
@@ -341,29 +346,7 @@ def build_mma(case: Case, n_out: int, k: int):
                         num_stages=case.num_stages)
 
 
-def build_old(case: Case, n_out: int, k: int):
-    """The pre-issue-12 kernel (``nmgraph.backends.triton_nm``) as its launcher specialises it."""
-    import importlib
-
-    tn = importlib.import_module("nmgraph.backends.triton_nm")
-    kern = tn._kernels(False).kernel
-    kept = k // case.m * case.n
-    small = case.m_rows <= tn.SMALL_M
-    dt = case.dtype
-    args = {"x_ptr": ("ptr", dt), "values_ptr": ("ptr", dt), "indices_ptr": ("ptr", "u8"),
-            "bias_ptr": ("ptr", dt), "out_ptr": ("ptr", "fp32" if small else dt),
-            "M": case.m_rows, "N": n_out, "K": k, "M_BUCKET": 1 << max(0, (case.m_rows - 1).bit_length()),
-            "stride_xm": k, "stride_xk": 1, "stride_vn": kept, "stride_vk": 1,
-            "stride_ib": n_out * ((kept + 7) // 8), "stride_in": (kept + 7) // 8, "stride_ik": 1,
-            "stride_om": n_out, "stride_on": 1}
-    consts = {"NM_N": case.n, "NM_M": case.m, "M_POW2": 1 << (case.m - 1).bit_length(), "INDEX_BITS": case.bits,
-              "HAS_BIAS": False, "DOT_PRECISION": "tf32", "UPCAST": False,
-              "BLOCK_M": case.block_m, "BLOCK_N": case.tile_rows, "BLOCK_K": case.tile_k, "GROUP_M": 1,
-              "SPLIT_K": case.split_k}
-    return compile_sm90(kern, args, consts, num_warps=case.num_warps, num_stages=case.num_stages)
-
-
-BUILDERS = {"gemv": build_gemv, "mma": build_mma, "old": build_old}
+BUILDERS = {"gemv": build_gemv, "mma": build_mma}
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -386,12 +369,6 @@ def cases(quick: bool = False) -> list[Case]:
         for n, m in [(2, 8), (1, 8)]:
             out.append(Case(f"mma_{n}of{m}_BM16_bn64_bk64_generic", "mma", n, m, "fp16", 16, 4, 4,
                             tile_rows=64, tile_k=64, block_m=16))
-    # The old kernel: its small-M autotune tiles (split-K via atomics: + zero-fill + cast kernels).
-    for n, m in [(2, 4), (1, 4)] if quick else [(2, 4), (1, 4), (1, 8)]:
-        for rows in (1, 16):
-            for bn, bk, w in ((32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)):
-                out.append(Case(f"old_{n}of{m}_M{rows}_bn{bn}_bk{bk}_w{w}", "old", n, m, "fp16", rows, w, 4,
-                                tile_rows=bn, tile_k=bk, block_m=16, split_k=8, kernels_per_call=3))
     return out
 
 
@@ -481,18 +458,27 @@ def best_prediction(records: dict, kind: str, n: int, m: int, n_out: int, k: int
             continue
         if kind == "mma" and c["block_m"] != _bucket(m_rows):
             continue
-        if kind == "old" and c["m_rows"] != (1 if m_rows == 1 else 16):
-            continue
         splits = (1,)
-        if kind == "old":
-            splits = (1, 4, 8, 16)
-        elif kind == "mma":
+        if kind == "mma":
             splits = tuple(s for s in (1, 2, 4, 8, 16) if math.ceil(k / c["tile_k"]) >= 4 * s)
         for s in splits:
             pr = predict(rec, n_out, k, m_rows, hw, p, split_k=s)
             if best is None or pr["t"] < best[1]["t"]:
                 best = (name, pr)
     return best
+
+
+#: The dispatcher's default: a sparse kernel is chosen when at least this much faster than dense.
+AUTO_MIN_SPEEDUP = 1.02
+
+
+def backend_path(n: int, m: int, m_rows: int) -> str:
+    """The path the Triton backend's op takes for fp16 (``"gemv"``, ``"mma"`` or ``"dense"``: declined)."""
+    import torch
+
+    from nmgraph.backends.triton_nm import kernel_path
+
+    return kernel_path(m_rows, n, m, torch.float16)
 
 
 def _bucket(m_rows: int) -> int:
@@ -558,29 +544,33 @@ def tables(records: dict) -> str:
             f"{d['ldg_bytes'] + d['ldgsts_bytes']:.3f} | {widths} | {d['smem_bytes']:.3f} | {st['mma_kind']} | "
             f"{rec['regs']} | {rec['spill_bytes']} | {rec['case']['kernels_per_call']} |")
     lines += ["", "### Estimated dense / nmgraph time ratio (opt / **mid** / pess corner), best compiled config", "",
-              "| pattern | GPU | N x K | M | dense us (mid) | new: kernel | new us (mid) | new ratio | bound (mid) | "
-              "old ratio | ideal (byte limit, mid) |",
+              "| pattern | GPU | N x K | M | dense us (mid) | backend path: kernel | path us (mid) | path ratio | "
+              "bound (mid) | auto (est.) | ideal (byte limit, mid) |",
               "|---|---|---|---:|---:|---|---:|---|---|---|---:|"]
     for (n, m) in [(2, 4), (1, 4)] + ([(1, 8)] if any(r["case"]["m"] == 8 for r in records.values()) else []):
         for gpu, hw in HW.items():
             for n_out, k in SHAPES:
                 for m_rows in (1, 2, 4, 16, 64):
-                    kind = "gemv" if m_rows <= 2 else "mma"
+                    kind = backend_path(n, m, m_rows)
+                    if kind == "dense":
+                        lines.append(f"| {n}:{m} | {gpu} | {n_out}x{k} | {m_rows} | "
+                                     f"{dense_time(n_out, k, hw, CORNERS['mid']) * 1e6:.2f} | declined: dense | - | - | "
+                                     f"- | 1.00 / **1.00** / 1.00 | - |")
+                        continue
                     row = {}
                     for cname, p in CORNERS.items():
                         row[cname] = (best_prediction(records, kind, n, m, n_out, k, m_rows, hw, p),
-                                      best_prediction(records, "old", n, m, n_out, k, m_rows, hw, p),
                                       dense_time(n_out, k, hw, p), ideal_time(n_out, k, n, m, hw, p))
                     if row["mid"][0] is None:
                         continue
-                    new = {cn: r[2] / r[0][1]["t"] for cn, r in row.items()}
-                    old = {cn: (r[2] / r[1][1]["t"] if r[1] else float("nan")) for cn, r in row.items()}
+                    new = {cn: r[1] / r[0][1]["t"] for cn, r in row.items()}
+                    auto = {cn: (v if v >= AUTO_MIN_SPEEDUP else 1.0) for cn, v in new.items()}
                     mid = row["mid"]
                     lines.append(
-                        f"| {n}:{m} | {gpu} | {n_out}x{k} | {m_rows} | {mid[2] * 1e6:.2f} | {mid[0][0]} | "
+                        f"| {n}:{m} | {gpu} | {n_out}x{k} | {m_rows} | {mid[1] * 1e6:.2f} | {mid[0][0]} | "
                         f"{mid[0][1]['t'] * 1e6:.2f} | {new['opt']:.2f} / **{new['mid']:.2f}** / {new['pess']:.2f} | "
-                        f"{mid[0][1]['bound']} | {old['opt']:.2f} / {old['mid']:.2f} / {old['pess']:.2f} | "
-                        f"{mid[2] / mid[3]:.2f} |")
+                        f"{mid[0][1]['bound']} | {auto['opt']:.2f} / **{auto['mid']:.2f}** / {auto['pess']:.2f} | "
+                        f"{mid[1] / mid[2]:.2f} |")
     return "\n".join(lines)
 
 
@@ -599,7 +589,7 @@ def targets(records: dict) -> list[tuple[str, float, float, bool]]:
     p, hw = CORNERS["mid"], HW["H100-SXM"]
     for n, m, m_rows, lim in ((2, 4, 1, 1.5), (1, 4, 1, 2.3), (2, 4, 16, 1.3)):
         for n_out, k in SHAPES[:2]:
-            kind = "gemv" if m_rows <= 2 else "mma"
+            kind = backend_path(n, m, m_rows)
             b = best_prediction(records, kind, n, m, n_out, k, m_rows, hw, p)
             if b:
                 r = dense_time(n_out, k, hw, p) / b[1]["t"]

@@ -10,6 +10,16 @@ compressed along axis 0 has exactly the compressed layout of its ``[out, in]`` t
 output features, kept values run along ``in``), so the "transpose" costs nothing at lowering time.
 The result differs from the dense graph only by floating-point summation order.
 
+A pointwise convolution (1x1 kernel, ``groups=1``, stride 1, no padding; dilation does nothing to a
+1x1 kernel) of ``x [B, C, *S]`` with ``W [O, C, 1, ...]`` computes ``W.view(O, C) @ x[b, :, s] + bias``
+at every position, so it is rewritten as ``permute(x)`` to ``[B, *S, C]`` -> the linear op on
+``W.view(O, C)`` -> ``permute`` back to ``[B, O, *S]``: the same function.
+
+Rows. The dispatcher measures the node's rows (leading dims of its input). A node whose rows are
+symbolic (dynamic shapes), or every node with ``dynamic_rows=True``, also hands its op the layer's
+dense weight where the backend offers a slot for it (:attr:`GraphCall.dense_slot`): the op runs it
+for rows outside its kernels' range, so prefill sizes never go through a decode kernel.
+
 What it does, per eligible node (a GEMM the one table :data:`~nmgraph.analysis.aten_ops.GEMM_WEIGHTS`
 marks ``lowers``): compress the weight, choose a backend (``"auto"``: the
 :class:`~nmgraph.backends.dispatch.Dispatcher` measures dense and the sparse kernels for the
