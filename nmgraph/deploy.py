@@ -185,7 +185,8 @@ class CompiledModule(torch.nn.Module):
         dynamic_rows = dynamic_shapes is not None
         opts = self.options
         if self.mode == "train":
-            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs)
+            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs,
+                           search=opts.search, seed=opts.seed, time_limit=opts.time_limit, progress=opts.progress)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
             require_tensorrt("torch_tensorrt")
         gm = capture(self.model, args, kwargs, dynamic_shapes=dynamic_shapes)

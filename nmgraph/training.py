@@ -190,6 +190,8 @@ def prepare(
     exclude: Sequence[str] = (),
     search: str = "greedy",
     seed: int = 0,
+    time_limit: float | None = None,
+    progress: bool = False,
 ) -> fx.GraphModule:
     """Returns a trainable GraphModule in which every eligible weight reaches its consumer through a mask node.
 
@@ -199,7 +201,8 @@ def prepare(
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
     :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
-    ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
+    ``permute`` reorders channels first (``search``, ``seed``; ``time_limit`` bounds it, default a
+    budget that scales with the model, see :func:`nmgraph.permute`; ``progress`` shows a bar). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
 
     Call :class:`SparsityCallback` ``.step()`` after every optimizer step.
@@ -262,7 +265,8 @@ def prepare(
         if permute:
             undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
             with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
-                report = permute_channels(gm, plan, search=search, seed=seed)
+                report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit,
+                                          progress=progress)
             update_graph_record(gm, permuted=report)
             log.info("permutation before training: %s", report)
         results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))

@@ -6,7 +6,7 @@ rewritten (see :mod:`nmgraph.rollback` for what happens when a later step fails)
 >>> check_time_limit(-1, "permute")
 Traceback (most recent call last):
     ...
-nmgraph.errors.ArgumentError: permute(time_limit=-1): a time limit is a number of seconds >= 0, or None for no limit.
+nmgraph.errors.ArgumentError: permute(time_limit=-1): a time limit is a number of seconds >= 0, None for the default budget or math.inf for no limit.
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ def check_seed(seed: Any, where: str) -> None:
 
 
 def check_time_limit(time_limit: Any, where: str) -> None:
-    """``time_limit`` is ``None`` or a number of seconds ``>= 0``."""
+    """``time_limit`` is ``None`` (the default budget) or a number of seconds ``>= 0`` (``math.inf``: none)."""
     if time_limit is None:
         return
     if isinstance(time_limit, bool) or not isinstance(time_limit, numbers.Real):
         raise ArgumentError(
             f"{where}(time_limit={time_limit!r}): a time limit is a number of seconds "
-            f"({type(time_limit).__name__} given); pass e.g. time_limit=5.0, or None for no limit."
+            f"({type(time_limit).__name__} given); pass e.g. time_limit=5.0, None for the default budget "
+            "or math.inf for no limit."
         )
     if math.isnan(float(time_limit)) or float(time_limit) < 0:
         raise ArgumentError(
-            f"{where}(time_limit={time_limit!r}): a time limit is a number of seconds >= 0, or None for no limit."
+            f"{where}(time_limit={time_limit!r}): a time limit is a number of seconds >= 0, None for the "
+            "default budget or math.inf for no limit."
         )
 
 

@@ -646,3 +646,38 @@ def test_a_rule_for_a_custom_op_needs_no_edit_of_nmgraph():
     assert plan2.layer("fc2.weight").group is not None
     with pytest.raises(nmgraph.UnsupportedError, match="keys are ops"):
         nmgraph.analyze(gm, "2:4", include=["fc2"], rules={42: pass_through})
+
+
+class _LoopedDense(nn.Module):
+    """One weight read by several nodes of one op, as a GEMM and as an activation (no second name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x @ self.w.T
+        return x * self.w.sum()
+
+
+def test_a_weight_read_by_several_nodes_is_not_called_tied():
+    gm = nmgraph.capture(_LoopedDense(), (torch.randn(2, 8),))
+    (skip,) = nmgraph.analyze(gm, "2:4").skipped
+    assert "tied" not in skip.reason and "read by 4 nodes, 3 of them as a GEMM weight" in skip.reason
+
+
+def test_a_tied_weight_names_its_other_name():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    gm = nmgraph.capture(Tied(), (torch.randint(0, 16, (2, 4)),))
+    (skip,) = nmgraph.analyze(gm, "2:4").skipped
+    assert "tied weight, also head.weight" in skip.reason

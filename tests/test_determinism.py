@@ -27,7 +27,8 @@ def _pipeline(threads: int, search: str) -> tuple[dict[str, torch.Tensor], dict[
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
         gm = nmgraph.capture(model, (x,))
         plan = nmgraph.analyze(gm, "2:4")
-        report = nmgraph.permute(gm, plan, search=search, seed=7)
+        # accept="magnitude": 8 samples are too few for the error test to keep a permutation
+        report = nmgraph.permute(gm, plan, search=search, seed=7, accept="magnitude")
         nmgraph.convert(gm, plan=plan)
         return _bits(model), {g: p.tolist() for g, p in report.perms.items()}
     finally:

@@ -487,3 +487,34 @@ def test_save_to_a_path_that_cannot_be_created(tmp_path):
         save(_mlp(), tmp_path / "file" / "m")
     with pytest.raises(SerializationError, match=r"exists and is not a directory"):
         save(_mlp(), tmp_path / "file")
+
+
+def test_an_interrupted_load_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    save(_mlp(seed=0), tmp_path / "m")
+    target = _mlp(seed=1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    real_copy, real_load = torch.Tensor.copy_, torch.nn.Module.load_state_dict
+    calls: list[int] = []
+    loading = []
+
+    def copy_(self, *a, **k):  # inside load_state_dict: two tensors are copied, then the interrupt hits
+        if loading:
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real_copy(self, *a, **k)
+
+    def load_state_dict(self, *a, **k):
+        loading.append(1)
+        try:
+            return real_load(self, *a, **k)
+        finally:
+            loading.clear()
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load_state_dict)
+    with pytest.raises(KeyboardInterrupt):
+        load(tmp_path / "m", target)
+    monkeypatch.undo()
+    assert len(calls) == 3  # two tensors had been loaded
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "BINARY_OPS",
     "CAST_OPS",
+    "DROPOUT_OPS",
     "EXPAND_OPS",
     "FILL_OPS",
     "GEMM_WEIGHTS",
@@ -23,14 +24,18 @@ __all__ = [
     "METADATA_OPS",
     "NORM_TUPLE_OPS",
     "REDUCE_OPS",
+    "RNN_WEIGHTS",
     "SPLIT_OPS",
     "TRANSPOSE_OPS",
     "UNARY_OPS",
+    "WEIGHT_NORM_OPS",
     "GemmWeight",
+    "RnnWeights",
     "gemm_weight",
     "is_grouped_mm",
     "lowers_to_linear",
     "qualified_name",
+    "rnn_weights",
 ]
 
 aten = torch.ops.aten
@@ -49,7 +54,11 @@ UNARY_OPS = frozenset([
     aten.clamp_min.default, aten.clamp_max.default, aten.type_as.default, aten.lift_fresh_copy.default,
     aten.gelu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.dropout_.default,
     aten.feature_dropout.default, aten.alpha_dropout.default,
+    aten.clip.default, aten.clip_.default, aten.clamp_.default, aten.clamp_min_.default, aten.clamp_max_.default,
 ])
+#: Dropout ops, ``(input, p, train)``: random masks, which a channel permutation reorders.
+DROPOUT_OPS = frozenset([aten.dropout.default, aten.dropout_.default, aten.native_dropout.default,
+                         aten.feature_dropout.default, aten.alpha_dropout.default])
 #: Elementwise ops of several operands, with broadcasting.
 BINARY_OPS = frozenset([
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
@@ -83,6 +92,8 @@ FILL_OPS = frozenset([aten.full.default, aten.ones.default, aten.zeros.default, 
                       aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default])
 #: Ops that read only metadata (shape asserts, sizes): no use of a tensor's values.
 METADATA_OPS = frozenset([aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default])
+#: ``_weight_norm(v, g, dim)``: ``g * v / ||v||`` with the norm over every axis but ``dim``.
+WEIGHT_NORM_OPS = frozenset([aten._weight_norm.default])
 #: Grouped GEMMs of MoE experts, by ``OpOverload`` and, for ops of other libraries' ``torch.library``
 #: namespaces (importing them here would import the library), by qualified name.
 GROUPED_MM_OPS = frozenset([aten._grouped_mm.default])
@@ -152,3 +163,54 @@ def lowers_to_linear(kind: str, axis: int) -> bool:
     the node, not of its kind (:func:`nmgraph.analysis.nodes.pointwise_conv_reason`)."""
     specs = [s for s in GEMM_WEIGHTS.values() if s.kind == kind]
     return any(s.lowers for s in specs) or (kind in ("mm", "matmul") and axis == 1)
+
+
+@dataclass(frozen=True)
+class RnnWeights:
+    """How a recurrent op reads its weights: every ``w_ih`` / ``w_hh`` is a GEMM weight along axis 1
+    (``gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh``), with ``gates`` chunks of hidden rows
+    (LSTM: i, f, g, o; GRU: r, z, n), elementwise after that.
+
+    ``cell``: one step (``lstm_cell(x, [h, c], w_ih, w_hh, b_ih, b_hh)``, ``gru_cell(x, h, ...)``),
+    weights at positions 2..5; otherwise the fused sequence op (``lstm.input(x, [h0, c0], params,
+    has_biases, num_layers, dropout, train, bidirectional, batch_first)``), weights in the list at
+    position 2, per layer and direction ``w_ih, w_hh[, b_ih, b_hh]``. ``states``: recurrent state
+    tensors (LSTM: h and c; GRU: h). ``why_dense``: why an N:M pattern of these weights would be of
+    no use (``""``: eligible). A cell is eligible: its two GEMMs export as ONNX Gemm/MatMul nodes,
+    which TensorRT's sparse tactics read (nmgraph's own kernels run it densely). The fused op runs,
+    and exports as, one recurrent kernel (ONNX LSTM/GRU/RNN, TensorRT's RNN layer) that has no sparse
+    form.
+    """
+
+    kind: str
+    gates: int
+    states: int
+    cell: bool
+    why_dense: str = ""
+
+
+_FUSED_RNN = (
+    "a GEMM along its input axis, but the fused recurrent op (aten.{kind}.input) runs as one "
+    "dense kernel, exported as an ONNX {onnx} node, and neither nmgraph's sparse kernels nor TensorRT's "
+    "RNN layer has an N:M form; step through nn.{cell} (one cell call per step) to make it eligible"
+)
+
+#: Recurrent ops whose weights are GEMMs along their input axis (see :class:`RnnWeights`).
+RNN_WEIGHTS: dict[Any, RnnWeights] = {
+    aten.lstm_cell.default: RnnWeights("lstm_cell", 4, 2, cell=True),
+    aten.gru_cell.default: RnnWeights("gru_cell", 3, 1, cell=True),
+    aten.rnn_tanh_cell.default: RnnWeights("rnn_cell", 1, 1, cell=True),
+    aten.rnn_relu_cell.default: RnnWeights("rnn_cell", 1, 1, cell=True),
+    aten.lstm.input: RnnWeights("lstm", 4, 2, cell=False, why_dense=_FUSED_RNN.format(
+        kind="lstm", onnx="LSTM", cell="LSTMCell")),
+    aten.gru.input: RnnWeights("gru", 3, 1, cell=False, why_dense=_FUSED_RNN.format(
+        kind="gru", onnx="GRU", cell="GRUCell")),
+    aten.rnn_tanh.input: RnnWeights("rnn", 1, 1, cell=False, why_dense=_FUSED_RNN.format(
+        kind="rnn_tanh", onnx="RNN", cell="RNNCell")),
+    aten.rnn_relu.input: RnnWeights("rnn", 1, 1, cell=False, why_dense=_FUSED_RNN.format(
+        kind="rnn_relu", onnx="RNN", cell="RNNCell")),
+}
+
+
+def rnn_weights(target: Any) -> RnnWeights | None:
+    return RNN_WEIGHTS.get(target)

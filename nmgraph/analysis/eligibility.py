@@ -17,13 +17,22 @@ import networkx as nx
 import torch
 from torch import fx
 
-from nmgraph.analysis.aten_ops import CAST_OPS, GEMM_WEIGHTS, METADATA_OPS, gemm_weight, is_grouped_mm
+from nmgraph.analysis.aten_ops import (
+    CAST_OPS,
+    GEMM_WEIGHTS,
+    METADATA_OPS,
+    RNN_WEIGHTS,
+    WEIGHT_NORM_OPS,
+    gemm_weight,
+    is_grouped_mm,
+)
 from nmgraph.analysis.nodes import (
     attr_value,
     conv_groups,
     linear_of_transposed,
     module_of,
     op_name,
+    rnn_call,
     shape_of,
     transposed_weight,
     val_of,
@@ -61,6 +70,17 @@ def weight_use(node: fx.Node, w: fx.Node) -> WeightUse:
         user = next(iter(node.users))
         if linear_of_transposed(user) is w:
             return WeightUse(user, 1, GEMM_WEIGHTS[user.target].kind)
+    rnn = rnn_call(node)
+    if rnn is not None:
+        return _rnn_use(node, w, rnn)
+    if node.op == "call_function" and node.target in WEIGHT_NORM_OPS and len(node.args) > 1 and node.args[1] is w:
+        return WeightUse(node, None, op_name(node), f"magnitude g of weight_norm ({node.name}): a per-row scale, "
+                                                    "not a GEMM weight")
+    if node.op == "call_function" and node.target in WEIGHT_NORM_OPS and node.args and node.args[0] is w:
+        return WeightUse(node, None, op_name(node), (
+            f"direction v of weight_norm ({node.name}): its GEMM reads g * v / ||v||, computed at run time; "
+            "remove the weight norm (torch.nn.utils.parametrize.remove_parametrizations or "
+            "torch.nn.utils.remove_weight_norm) to make the weight eligible"))
     spec = gemm_weight(node.target) if node.op == "call_function" else None
     if spec is None:
         return WeightUse(node, None, op_name(node), f"used by {op_name(node)} ({node.name}), not a matmul or conv")
@@ -79,6 +99,20 @@ def weight_use(node: fx.Node, w: fx.Node) -> WeightUse:
     if name in ("mm", "matmul") and len(shape) != 2:
         return WeightUse(node, None, name, f"batched matmul weight of shape {list(shape)} ({node.name})")
     return WeightUse(node, spec.axis, name)
+
+
+def _rnn_use(node: fx.Node, w: fx.Node, rnn) -> WeightUse:
+    """``w`` read by a recurrent op: its input-to-hidden and hidden-to-hidden weights reduce along axis 1."""
+    roles = [role for op, role in rnn.weights() if op is w]
+    kind = rnn.spec.kind
+    if rnn.problem:
+        return WeightUse(node, None, kind, f"read by {node.name} ({op_name(node)}): {rnn.problem}")
+    if not roles or any(r not in ("w_ih", "w_hh") for r in roles) or node.args[0] is w:
+        return WeightUse(node, None, kind, f"used by {node.name} ({op_name(node)}) as "
+                                           f"{roles[0] if roles else 'an operand'}, not as a GEMM weight")
+    if rnn.spec.why_dense:
+        return WeightUse(node, None, kind, f"{roles[0]} of {node.name}, {rnn.spec.why_dense}")
+    return WeightUse(node, 1, kind)
 
 
 def gemm_uses(w: fx.Node) -> list[WeightUse]:
@@ -138,6 +172,20 @@ def _param_nodes(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[int,
     return params, canonical, nodes
 
 
+def _other_reads(pname: str, w: torch.Tensor, params: dict[str, torch.Tensor], uses: list[WeightUse]) -> str:
+    """What else reads a weight left dense: the other names of the same tensor (a tied weight), and
+    the number of nodes that read it when that is more than one (a loop unrolled in capture)."""
+    aliases = [n for n, t in params.items() if t is w and n != pname]
+    parts = []
+    if aliases:
+        parts.append(f"tied weight, also {', '.join(aliases[:3])}{' ...' if len(aliases) > 3 else ''}")
+    nodes = {u.node for u in uses}
+    if len(nodes) > 1:
+        ok = sum(u.axis is not None for u in uses)
+        parts.append(f"read by {len(nodes)} nodes" + (f", {ok} of them as a GEMM weight" if ok else ""))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 @dataclass(frozen=True)
 class Eligibility:
     """The eligible layers, the weights left dense, and each eligible weight's (get_attr, GEMM) nodes."""
@@ -193,7 +241,8 @@ def find_layers(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str] = (
     check_name_patterns(gm, "include", include)
     check_name_patterns(gm, "exclude", exclude)
     params, canonical, seen_tensors = _param_nodes(gm)
-    gemm_nodes = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_WEIGHTS}
+    gemm_nodes = {n for n in gm.graph.nodes if n.op == "call_function" and (
+        n.target in GEMM_WEIGHTS or n.target in RNN_WEIGHTS)}
     head_graph, output_node = _head_paths(gm.graph, gemm_nodes)
     layers: list[LayerInfo] = []
     skipped: list[Skip] = []
@@ -208,7 +257,7 @@ def find_layers(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str] = (
             skipped.append(Skip(pname, "not used by the graph"))
             continue
         if bad:
-            skipped.append(Skip(pname, bad[0].why_not + (" (tied weight)" if len(uses) > 1 else "")))
+            skipped.append(Skip(pname, bad[0].why_not + _other_reads(pname, w, params, uses)))
             continue
         if len({u.axis for u in uses}) > 1:
             skipped.append(Skip(pname, "used with different reduction axes: " +

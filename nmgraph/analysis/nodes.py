@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-from nmgraph.analysis.aten_ops import CAST_OPS, TRANSPOSE_OPS
+from nmgraph.analysis.aten_ops import CAST_OPS, TRANSPOSE_OPS, RnnWeights, rnn_weights
 from nmgraph.errors import UnsupportedError
 from nmgraph.graph import fetch_attr
 
 __all__ = [
+    "RnnCall",
     "arg_of",
     "attr_value",
     "conv_groups",
@@ -23,6 +25,7 @@ __all__ = [
     "norm_dim",
     "op_name",
     "pointwise_conv_reason",
+    "rnn_call",
     "shape_of",
     "transposed_weight",
     "val_of",
@@ -183,3 +186,57 @@ def module_of(node: fx.Node, pname: str) -> str:
         path = list(stack.values())[-1][0]
         return str(path).replace("L['self'].", "").replace("L__self___", "")
     return pname.rsplit(".", 1)[0] if "." in pname else ""
+
+
+@dataclass(frozen=True)
+class RnnCall:
+    """The operands of a recurrent op (see :class:`~nmgraph.analysis.aten_ops.RnnWeights`).
+
+    ``x``: the input sequence (or step); ``states``: the recurrent state tensors passed in (``None``
+    where absent); ``cells[layer][direction] = (w_ih, w_hh, b_ih, b_hh)`` (biases ``None`` when the
+    op has none); ``seq_axis`` / ``batch_first`` / ``bidirectional`` for the fused op; ``problem``:
+    why nmgraph cannot follow its channels (``""`` when it can).
+    """
+
+    spec: RnnWeights
+    x: Any
+    states: tuple[Any, ...]
+    cells: tuple[tuple[tuple[Any, Any, Any, Any], ...], ...]
+    bidirectional: bool = False
+    problem: str = ""
+
+    def weights(self) -> list[tuple[Any, str]]:
+        """Every weight operand with its role (``"w_ih"``, ``"w_hh"``, ``"b_ih"``, ``"b_hh"``)."""
+        return [(op, role) for layer in self.cells for cell in layer
+                for op, role in zip(cell, ("w_ih", "w_hh", "b_ih", "b_hh")) if op is not None]
+
+
+def rnn_call(node: fx.Node) -> RnnCall | None:
+    """The operands of ``node`` when it runs a recurrent op of ``RNN_WEIGHTS``; else ``None``."""
+    spec = rnn_weights(node.target) if node.op == "call_function" else None
+    if spec is None:
+        return None
+    args = list(node.args)
+    hx = args[1] if len(args) > 1 else None
+    states = tuple(hx) if isinstance(hx, (list, tuple)) else (hx,)
+    if spec.cell:
+        w_ih, w_hh = args[2], args[3]
+        b_ih = args[4] if len(args) > 4 else node.kwargs.get("b_ih")
+        b_hh = args[5] if len(args) > 5 else node.kwargs.get("b_hh")
+        return RnnCall(spec, args[0], states, (((w_ih, w_hh, b_ih, b_hh),),))
+    params = list(args[2])
+    has_biases, layers, bidirectional = bool(args[3]), int(args[4]), bool(args[7])
+    dirs = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != layers * dirs * per:
+        return RnnCall(spec, args[0], states, (), bidirectional,
+                       f"{len(params)} weights for {layers} layer(s) x {dirs} direction(s): an LSTM with "
+                       "projections (proj_size > 0), whose hidden state is projected before it recurs")
+    cells = []
+    for layer in range(layers):
+        row = []
+        for d in range(dirs):
+            chunk = params[(layer * dirs + d) * per:(layer * dirs + d + 1) * per]
+            row.append((chunk[0], chunk[1], chunk[2] if has_biases else None, chunk[3] if has_biases else None))
+        cells.append(tuple(row))
+    return RnnCall(spec, args[0], states, tuple(cells), bidirectional)

@@ -30,8 +30,10 @@ from nmgraph.analysis.aten_ops import (
     METADATA_OPS,
     NORM_TUPLE_OPS,
     REDUCE_OPS,
+    RNN_WEIGHTS,
     SPLIT_OPS,
     UNARY_OPS,
+    WEIGHT_NORM_OPS,
     qualified_name,
 )
 from nmgraph.analysis.flow import Axes, Flow, Repeat, Segment
@@ -43,6 +45,7 @@ from nmgraph.analysis.nodes import (
     linear_of_transposed,
     norm_dim,
     op_name,
+    rnn_call,
     shape_of,
     transposed_weight,
     val_of,
@@ -146,10 +149,117 @@ def _linear_like(flow: Flow, node: fx.Node, x: fx.Node, w: fx.Node, b, w_in_axis
         flow.union(out, flow.at(b, (len(shape_of(b)) - 1,)), op_name(node))
 
 
+def _tracked_weight(flow: Flow, w: Any) -> bool:
+    """A parameter, or a weight computed by an op whose rule tracks its rows and columns
+    (``weight_norm``'s ``g * v / ||v||``: its columns are ``v``'s)."""
+    if is_weight(w):
+        return True
+    axes = {s.axes for s in flow.spaces_of(w)} if isinstance(w, fx.Node) else set()
+    return {(0,), (1,)} <= axes and isinstance(w, fx.Node) and w.target in WEIGHT_NORM_OPS
+
+
+def _weight_norm(flow: Flow, node: fx.Node) -> None:
+    """``_weight_norm(v, g, dim)`` = ``g * v / ||v||``, the norm over every axis but ``dim`` (all axes
+    when ``dim == -1``). Permuting any axis other than ``dim`` leaves each norm unchanged; permuting
+    ``dim`` permutes the norms and ``g`` with it. So the weight's rows and columns are ``v``'s (and
+    ``g`` moves with axis ``dim``). Only axes 0 and 1 get spaces: a GEMM reads no other axis as channels."""
+    v, g = node.args[0], node.args[1]
+    dim = arg_of(node, "dim", 0)
+    nd = len(shape_of(v))
+    for a in range(min(nd, 2)):
+        out = flow.new(node, (a,))
+        flow.union(out, flow.at(v, (a,)), op_name(node))
+        if dim != -1 and norm_dim(dim, nd) == a and isinstance(g, fx.Node) and \
+                len(shape_of(g)) == nd and shape_of(g)[a] == shape_of(v)[a] > 1:
+            flow.union(out, flow.at(g, (a,)), op_name(node))
+
+
+def _glu(flow: Flow, node: fx.Node) -> None:
+    """``glu(x, dim)`` = ``a * sigmoid(b)`` for the two halves ``a, b`` of ``x`` along ``dim``: channel ``c``
+    of the output reads channels ``c`` and ``c + C/2``, so both halves carry the output's permutation."""
+    src = node.args[0]
+    nd = len(shape_of(src))
+    dim = norm_dim(arg_of(node, "dim", -1), nd)
+    size = shape_of(src)[dim]
+    for s in flow.spaces_of(src):
+        if dim not in s.axes:
+            flow.union(s.index, flow.new(node, s.axes, s.inner), op_name(node))
+            continue
+        out = flow.new(node, s.axes)
+        if not (flow.slice_part(s, dim, 0, size // 2, out) and flow.slice_part(s, dim, size // 2, size, out)):
+            reason = f"{node.name}: glu halves flattened channels"
+            flow.barrier(s.index, reason)
+            flow.barrier(out, reason)
+
+
+def _rnn(flow: Flow, node: fx.Node) -> None:
+    """LSTM / GRU / RNN, one step (``lstm_cell``) or fused over a sequence (``lstm.input``).
+
+    ``gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh`` holds ``gates`` chunks of ``H`` rows, and
+    everything after is elementwise per hidden unit. Permuting the hidden units by ``P`` (each gate
+    chunk of ``w_ih``, ``w_hh``, the biases, the columns of ``w_hh``, the states) gives the same
+    function with ``h`` permuted by ``P``; the columns of ``w_ih`` carry the input's channels. Layer
+    ``l > 0`` of a fused op reads layer ``l - 1``'s hidden units (both directions, concatenated).
+    The states ``[layers * directions, B, H]`` of a fused op share one channel axis, so every layer
+    takes one permutation.
+    """
+    call = rnn_call(node)
+    outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
+    tuple_out = isinstance(node.meta.get("val"), (list, tuple))
+    computed = [op for op, _ in call.weights() if not is_weight(op)]
+    if call.problem or computed:
+        why = call.problem or f"weight {computed[0].name} is computed at run time"
+        for a in node.all_input_nodes:
+            for sp in flow.spaces_of(a):
+                flow.barrier(sp.index, f"{node.name}: {why}")
+        for u in outs if tuple_out else [node]:
+            nd = len(shape_of(u))
+            flow.barrier(flow.new(u, (nd - 1,)), f"{node.name}: {why}")
+        return
+    spec, name = call.spec, op_name(node)
+    hidden_of = [[flow.at(cell[1], (1,)) for cell in layer] for layer in call.cells]
+    hidden = shape_of(call.cells[0][0][1])[1]
+
+    def join(whole: int, parts: list[int]) -> None:
+        """Channels of ``whole`` are the ``parts`` (classes of ``hidden`` channels) one after another."""
+        if len(parts) == 1:
+            flow.union(whole, parts[0], name)
+        else:
+            flow.segment(whole, [Segment(k * hidden, (k + 1) * hidden, p, 0) for k, p in enumerate(parts)])
+
+    for layer, cells in enumerate(call.cells):
+        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(cells):
+            rows = flow.at(w_ih, (0,))
+            for t in (w_hh, b_ih, b_hh):
+                if t is not None:
+                    flow.union(rows, flow.at(t, (0,)), name)
+            join(rows, [hidden_of[layer][d]] * spec.gates)
+            cols = flow.at(w_ih, (1,))
+            if layer == 0:
+                flow.union(flow.at(call.x, (len(shape_of(call.x)) - 1,)), cols, name)
+            else:
+                join(cols, hidden_of[layer - 1])
+    every = [h for layer in hidden_of for h in layer]
+    for st in call.states:
+        if isinstance(st, fx.Node):
+            for h in every:
+                flow.union(flow.at(st, (len(shape_of(st)) - 1,)), h, name)
+    if not tuple_out:  # gru_cell, rnn cells: the new hidden state
+        flow.union(flow.new(node, (len(shape_of(node)) - 1,)), hidden_of[0][0], name)
+        return
+    for u in outs:
+        out = flow.new(u, (len(shape_of(u)) - 1,))
+        if spec.cell or u.args[1] != 0:  # a cell's (h, c); a fused op's final states [L * D, B, H]
+            for h in every:
+                flow.union(out, h, name)
+        else:  # the fused op's output sequence: the last layer's directions, concatenated
+            join(out, hidden_of[-1])
+
+
 def _linear(flow: Flow, node: fx.Node) -> None:
     x, w = node.args[0], weight_source(node.args[1])
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not is_weight(w):
+    if not _tracked_weight(flow, w):
         reason = f"{node.name}: linear with a computed weight"
         flow.barrier(flow.at(x, (len(shape_of(x)) - 1,)), reason)
         flow.barrier(flow.new(node, (len(shape_of(node)) - 1,)), reason)
@@ -225,7 +335,7 @@ def _conv(flow: Flow, node: fx.Node) -> None:
     transposed = bool(arg_of(node, "transposed", False))
     groups = conv_groups(node)
     out = flow.new(node, (1,))
-    if transposed or not is_weight(w):
+    if transposed or not _tracked_weight(flow, w):
         why = "transposed convolution" if transposed else "convolution with a computed weight"
         flow.barrier(flow.at(x, (1,)), f"{node.name}: {why}")
         flow.barrier(out, f"{node.name}: {why}")
@@ -654,8 +764,8 @@ def _getitem(flow: Flow, node: fx.Node) -> None:
     src = node.args[0]
     if not isinstance(src, fx.Node):
         return
-    if src.target in SPLIT_OPS:
-        return  # handled by the split rule
+    if src.target in SPLIT_OPS or src.target in RNN_WEIGHTS:
+        return  # handled by the split or recurrent rule
     if node.args[1] == 0 and src.target in NORM_TUPLE_OPS:
         for s in flow.spaces_of(src):
             flow.union(s.index, flow.new(node, s.axes, s.inner), "getitem")
@@ -764,6 +874,9 @@ OP_RULES: dict[object, Rule] = {
     aten.scaled_dot_product_attention.default: _sdpa,
     **{op: ignore for op in METADATA_OPS},
     aten.copy_.default: _copy_,
+    aten.glu.default: _glu,
+    **{op: _weight_norm for op in WEIGHT_NORM_OPS},
+    **{op: _rnn for op in RNN_WEIGHTS},
 }
 """How channels flow through each aten op. Ops not listed are barriers (the op is named)."""
 

@@ -61,6 +61,7 @@ from nmgraph.errors import PatternError, PlanError, SerializationError
 from nmgraph.exporters.onnx_check import diagnose_nm
 from nmgraph.exporters.onnx_export import sparse_weight_axes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
+from nmgraph.rollback import Rollback
 
 __all__ = [
     "FORMAT_VERSION",
@@ -281,7 +282,8 @@ def load(
     listed in ``allow_imports`` (e.g. ``["transformers.modeling_outputs"]``). The manifest's
     signature (``key``: the key it was saved with), every field, every file and every tensor are
     checked before the model is touched; any mismatch raises :class:`SerializationError` naming
-    what is wrong, and the model is left as it was.
+    what is wrong, and the model is left as it was (as it is after any failure while loading, an
+    interrupt included).
     """
     root = Path(path)
     secret = _key_bytes(key)
@@ -317,7 +319,9 @@ def load(
             state.pop(alias, None)  # a traced program keeps one name per tied tensor
     _check_against(target, state, root)
     _check_aliases_against(target, own, meta["aliases"], root)
-    with torch.no_grad():
+    with Rollback() as undo, torch.no_grad():
+        if target is model:  # the caller's module: all of it is loaded, or none of it
+            undo.keep_tensors(own.values())
         target.load_state_dict(state, strict=True, assign=from_program)
     return target
 
