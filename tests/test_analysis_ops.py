@@ -495,7 +495,7 @@ class Recurrent(nn.Module):
     def forward(self, x):
         x = self.inp(x)  # [B, T, 16]
         h = c = torch.zeros(x.shape[0], 16)
-        g = torch.zeros(x.shape[0], 16)
+        g = x.new_zeros(x.shape[0], 16)  # new_zeros: a fill, any channel order
         for t in range(x.shape[1]):
             h, c = self.cell(x[:, t], (h, c))
             g = self.gcell(h, g)

@@ -89,7 +89,8 @@ CAST_OPS = frozenset([aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout
 EXPAND_OPS = frozenset([aten.expand.default, aten.expand_as.default, aten.broadcast_to.default])
 #: Tensors filled with one value.
 FILL_OPS = frozenset([aten.full.default, aten.ones.default, aten.zeros.default, aten.full_like.default,
-                      aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default])
+                      aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default,
+                      aten.new_zeros.default, aten.new_ones.default, aten.new_full.default])
 #: Ops that read only metadata (shape asserts, sizes): no use of a tensor's values.
 METADATA_OPS = frozenset([aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default])
 #: ``_weight_norm(v, g, dim)``: ``g * v / ||v||`` with the norm over every axis but ``dim``.
