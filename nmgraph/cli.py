@@ -341,7 +341,7 @@ def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> li
     twin_gm = capture(twin, loaded.args, loaded.kwargs)
     twin_plan = analyze(twin_gm, plan.pattern)
     permute(twin_gm, twin_plan, search=a.search, seed=a.seed, time_limit=a.time_limit,
-            example_inputs=loaded.args, example_kwargs=loaded.kwargs)
+            example_inputs=loaded.args, example_kwargs=loaded.kwargs, progress=not a.quiet)
     return layer_stats(loaded.model, plan, permuted=twin)
 
 
@@ -375,7 +375,7 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     with steps.step("permute"):
         if search != "none" and plan.groups:
             perm_report = permute(gm, plan, search=search, seed=a.seed, time_limit=a.time_limit,
-                                  example_inputs=loaded.args, example_kwargs=loaded.kwargs)
+                                  example_inputs=loaded.args, example_kwargs=loaded.kwargs, progress=not a.quiet)
     with steps.step("convert"), torch.no_grad():
         inference = convert(gm, plan.pattern, plan=plan)
     summary = report.convert_summary(inference, plan=plan)

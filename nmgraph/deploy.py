@@ -8,6 +8,7 @@ since they change the model's own parameters in place.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -54,6 +55,8 @@ class CompileOptions:
     instead of leaving a layer dense; ``method``: the training method of ``mode="train"``;
     ``dispatcher`` or ``cache_path``: the per-layer backend measurements (a persistent JSON cache);
     ``inductor``: compile the lowered graph with inductor (positional inputs only);
+    ``inductor_mode``: inductor's mode for it, as ``torch.compile(mode=...)``: ``"reduce-overhead"``
+    captures CUDA graphs (inductor's cudagraph trees; docs/deploy.md), ``"max-autotune"``, ...;
     ``tensorrt_options``: keyword arguments of Torch-TensorRT.
     """
 
@@ -69,6 +72,7 @@ class CompileOptions:
     dispatcher: Dispatcher | None = None
     cache_path: Any = None
     inductor: bool = False
+    inductor_mode: str = "default"
     tensorrt_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,13 @@ class CompileOptions:
             raise UnsupportedError(f"nmgraph.compile(search={self.search!r}) is not one of {', '.join(SEARCHES)}.")
         check_seed(self.seed, "nmgraph.compile")
         check_time_limit(self.time_limit, "nmgraph.compile")
+        if self.inductor_mode != "default":
+            modes = inductor_modes()
+            if self.inductor_mode not in modes:
+                raise UnsupportedError(
+                    f"nmgraph.compile(inductor_mode={self.inductor_mode!r}) is not one of {', '.join(modes)} "
+                    "(torch.compile's modes)."
+                )
         if self.dispatcher is not None and not isinstance(self.dispatcher, Dispatcher):
             raise UnsupportedError(
                 f"nmgraph.compile(dispatcher=...) must be an nmgraph.backends.dispatch.Dispatcher, got "
@@ -121,6 +132,21 @@ class CompileReport:
         return "\n".join(parts)
 
 
+def inductor_modes() -> tuple[str, ...]:
+    """The modes inductor knows (``torch.compile(mode=...)``)."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str = "default") -> Any:
+    """``gm`` compiled by inductor in ``mode`` (``"reduce-overhead"``: CUDA graphs, via cudagraph trees)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=dict(list_mode_options(mode)))
+
+
 def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
     def sig(x):
         return (tuple(x.shape), str(x.dtype), str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
@@ -152,16 +178,19 @@ class CompiledModule(torch.nn.Module):
             self._graphs[sig] = gm
         return gm(*args, **kwargs)
 
-    def _build(self, args, kwargs, sig, *, lowered_only: bool = False) -> Any:
+    def _build(self, args, kwargs, sig, *, lowered_only: bool = False, dynamic_shapes: Any = None) -> Any:
         """Runs the pipeline for one input signature; returns what calls with it run (or, with
-        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
+        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that).
+        ``dynamic_shapes``: captured so (Dynamo's dynamic shapes): the graph is called with other sizes."""
+        dynamic_rows = dynamic_shapes is not None
         opts = self.options
         if self.mode == "train":
             return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs,
                            search=opts.search, seed=opts.seed, time_limit=opts.time_limit, progress=opts.progress)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
             require_tensorrt("torch_tensorrt")
-        gm = capture(self.model, args, kwargs, dynamic=False)  # one graph per input signature, lowered for it
+        # one graph per input signature, lowered for it (dynamic only where Dynamo's shapes say so)
+        gm = capture(self.model, args, kwargs, dynamic=False, dynamic_shapes=dynamic_shapes)
         plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
         if self._dispatcher is None and self.backend != "tensorrt":
             self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
@@ -178,7 +207,7 @@ class CompiledModule(torch.nn.Module):
                                        time_limit=opts.time_limit, progress=opts.progress)
             run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
             try:
-                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only)
+                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only, dynamic_rows)
             except BaseException:
                 self.report.lowerings.pop(sig, None)
                 self.report.runs.pop(sig, None)
@@ -204,14 +233,16 @@ class CompiledModule(torch.nn.Module):
                     "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
                 )
 
-    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool) -> Any:
+    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool,
+               dynamic_rows: bool = False) -> Any:
         opts = self.options
         if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
             return compile_torch_tensorrt(gm, list(args), **dict(opts.tensorrt_options))
         # every eligible weight: lower_linears lowers what a sparse kernel can read and reports the rest
         weights = {i.name: i.axis for i in plan.layers}
         result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=self.backend,
-                                                      dispatcher=self._dispatcher, strict=opts.strict))
+                                                      dispatcher=self._dispatcher, strict=opts.strict,
+                                                      dynamic_rows=dynamic_rows))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
         if lowered_only:
@@ -220,10 +251,8 @@ class CompiledModule(torch.nn.Module):
             if kwargs:
                 raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
                                        "compiled module without keyword arguments or leave inductor off.")
-            from torch._inductor.compile_fx import compile_fx
-
             self.report.runs[sig] = "inductor"
-            return compile_fx(result.gm, list(args))
+            return compile_with_inductor(result.gm, args, opts.inductor_mode)
         if not result.changed_nodes:
             # Nothing runs a sparse kernel (always so on a CPU): the model's own parameters already hold
             # the permuted, pruned weights (capture shares them), so its eager forward computes what
@@ -282,6 +311,45 @@ def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
     return gm, real
 
 
+def _sizes_from_tensors(gm: fx.GraphModule, real: list[int], example_inputs: Sequence[Any]
+                        ) -> tuple[fx.GraphModule, list[int], Any]:
+    """With dynamic shapes Dynamo passes sizes (``SymInt``) beside the tensors. Each size input is
+    replaced by ``aten.sym_size`` of the tensor dim it names, and the dims Dynamo made dynamic are
+    given to ``torch.export`` as ``Dim.AUTO``, so the graph is captured with symbolic sizes. Returns the
+    graph, the indices of the inputs it still takes, and the ``dynamic_shapes`` (``None``: static)."""
+    sizes = [i for i in real if isinstance(example_inputs[i], torch.SymInt)]
+    if not sizes:
+        return gm, real, None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_position = dict(zip(real, placeholders))
+    tensors = [i for i in real if isinstance(example_inputs[i], torch.Tensor)]
+    where: dict[str, tuple[fx.Node, int]] = {}
+    for i in tensors:
+        val = by_position[i].meta.get("example_value")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                where.setdefault(str(size), (by_position[i], d))
+    if any(str(by_position[i].meta.get("example_value")) not in where for i in sizes):
+        return gm, real, None  # a size no tensor input carries: the caller runs the graph unlowered
+    for i in sizes:
+        node = by_position[i]
+        found = where[str(node.meta.get("example_value"))]
+        if node.users:
+            with gm.graph.inserting_after(found[0]):
+                size = gm.graph.call_function(torch.ops.aten.sym_size.int, found)
+            node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    dynamic = {str(by_position[i].target): {d: torch.export.Dim.AUTO for d, s in
+                                            enumerate(by_position[i].meta["example_value"].shape)
+                                            if isinstance(s, torch.SymInt)} for i in tensors}
+    specs = tuple(dynamic[str(by_position[i].target)] or None for i in tensors)
+    params = list(inspect.signature(gm.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one spec for args
+        return gm, tensors, (specs,)
+    return gm, tensors, specs
+
+
 def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend="nmgraph", options={"pattern": "2:4", ...})``.
 
@@ -290,23 +358,48 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     them from each call. The sparsified, lowered graph then goes to inductor (the nmgraph ops have
     fake implementations, so inductor compiles the rest of the graph around them); pass
     ``options={"inductor": False}`` to run it as an FX graph instead.
+
+    ``torch.compile(model, backend="nmgraph", mode="reduce-overhead")`` (or, since torch.compile takes
+    ``mode`` or ``options`` but not both, ``options={..., "inductor_mode": "reduce-overhead"}``)
+    compiles it with inductor's CUDA graphs (docs/deploy.md). When Dynamo hands over a graph with
+    dynamic shapes (sizes among the inputs), it is captured with those sizes symbolic, every lowered
+    op also gets its layer's dense weight, which it runs for rows outside its kernels' range (prefill
+    sizes through a decode kernel), and the graph runs as an FX graph (inductor would specialise it
+    to one shape); ``dynamic=False`` keeps one inductor graph per shape instead.
     """
     options = dict(kwargs.get("options") or {})
     pattern = options.pop("pattern", "2:4")
     backend = options.pop("backend", "auto")
     use_inductor = options.pop("inductor", True)
+    if kwargs.get("mode") is not None:
+        options.setdefault("inductor_mode", kwargs["mode"])
     CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
                              also=("pattern", "backend"))
     bound, real_idx = _bind_parameters(gm, example_inputs)
+    bound, real_idx, dynamic_shapes = _sizes_from_tensors(bound, real_idx, example_inputs)
+    n_all = len(example_inputs)
+    if any(isinstance(example_inputs[i], torch.SymInt) for i in real_idx):
+        # sizes no input tensor carries: this graph cannot be captured with them symbolic
+        log.warning("nmgraph backend: Dynamo passed sizes that no input tensor carries; this graph runs as "
+                    "Dynamo traced it, with the model's current weights and no sparse kernel. Use "
+                    "torch.compile(..., dynamic=False) (one graph per shape) or nmgraph.compile.")
+
+        def run_unlowered(*args: Any) -> Any:
+            return bound(*(tuple(args[i] for i in real_idx) if len(args) == n_all else args))
+
+        return run_unlowered
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]
-    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True)
+    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
+                              dynamic_shapes=dynamic_shapes)
     runner: Any = lowered
-    if use_inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        runner = compile_fx(lowered, real_examples)
-    n_all = len(example_inputs)
+    if use_inductor and dynamic_shapes is not None:
+        # compile_fx specialises the graph to the example shapes, and Dynamo calls this graph with any
+        # size: the lowered graph runs as an FX graph, right at every shape (CUDA graphs are per shape
+        # anyway: torch.compile(..., dynamic=False) keeps one inductor graph per shape).
+        log.info("nmgraph backend: dynamic shapes; the lowered graph runs without inductor")
+    elif use_inductor:
+        runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
 
     def run(*args: Any) -> Any:
         if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now

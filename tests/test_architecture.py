@@ -28,8 +28,26 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+#: Optional third-party packages that nmgraph imports lazily (STYLE.md, the common brief).
+OPTIONAL = {"transformers", "triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "torch_tensorrt",
+            "safetensors", "tqdm", "accelerate"}
+
+
+def _holds_optional_code(path: Path) -> bool:
+    """A module that imports an optional package at its top (Triton kernels: ``@triton.jit`` needs
+    triton when the module is imported). Importing it *is* importing that package, so it is imported
+    lazily, where the package would be; it is the one kind of own module that may be."""
+    for node in ast.parse(path.read_text()).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if any(n.split(".")[0] in OPTIONAL for n in names):
+            return True
+    return False
+
+
 def _imports(mods: dict[str, Path]) -> tuple[nx.DiGraph, list[str], list[str]]:
     graph, lazy, private = nx.DiGraph(), [], []
+    optional_code = {name for name, path in mods.items() if _holds_optional_code(path)}
     for name, path in mods.items():
         graph.add_node(name)
         for node in ast.walk(ast.parse(path.read_text())):
@@ -46,7 +64,9 @@ def _imports(mods: dict[str, Path]) -> tuple[nx.DiGraph, list[str], list[str]]:
                         graph.add_edge(name, alias.name)
             else:
                 continue
-            if node.col_offset:
+            imported = {f"{node.module}.{a.name}" for a in node.names} | {node.module} \
+                if isinstance(node, ast.ImportFrom) else {a.name for a in node.names}
+            if node.col_offset and not imported & optional_code:
                 lazy.append(f"{name}:{node.lineno}")
     graph.remove_edges_from(nx.selfloop_edges(graph))
     return graph, lazy, private

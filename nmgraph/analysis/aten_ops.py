@@ -89,7 +89,8 @@ CAST_OPS = frozenset([aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout
 EXPAND_OPS = frozenset([aten.expand.default, aten.expand_as.default, aten.broadcast_to.default])
 #: Tensors filled with one value.
 FILL_OPS = frozenset([aten.full.default, aten.ones.default, aten.zeros.default, aten.full_like.default,
-                      aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default])
+                      aten.ones_like.default, aten.zeros_like.default, aten.scalar_tensor.default,
+                      aten.new_zeros.default, aten.new_ones.default, aten.new_full.default])
 #: Ops that read only metadata (shape asserts, sizes): no use of a tensor's values.
 METADATA_OPS = frozenset([aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default])
 #: ``_weight_norm(v, g, dim)``: ``g * v / ||v||`` with the norm over every axis but ``dim``.
@@ -118,7 +119,11 @@ class GemmWeight:
     ``weight_arg``: position of the weight operand; ``axis``: the weight's reduction axis;
     ``kind``: the name reports use (``"linear"``, ``"addmm"``, ``"mm"``, ``"matmul"``, ``"conv"``);
     ``x_arg`` / ``bias_arg``: positions of the activation and bias (``None``: none);
-    ``lowers``: nmgraph's sparse linear kernels can run it (2-D ``x @ W^T + b``).
+    ``lowers``: nmgraph's sparse linear kernels can run it (2-D ``x @ W^T + b``);
+    ``pointwise``: a convolution that the linear kernels run as a GEMM over channels when it is
+    pointwise (1x1 kernel, ``groups=1``, stride 1, no padding, not transposed:
+    :func:`nmgraph.analysis.nodes.pointwise_conv_reason`), its input moved channel-last and the
+    result moved back.
     """
 
     weight_arg: int
@@ -127,9 +132,10 @@ class GemmWeight:
     x_arg: int = 0
     bias_arg: int | None = None
     lowers: bool = False
+    pointwise: bool = False
 
 
-_CONV = GemmWeight(1, 1, "conv", 0, 2)
+_CONV = GemmWeight(1, 1, "conv", 0, 2, pointwise=True)
 
 #: op -> how it reads its weight. The one table of GEMM-like ops.
 GEMM_WEIGHTS: dict[Any, GemmWeight] = {
@@ -154,7 +160,8 @@ def gemm_weight(target: Any) -> GemmWeight | None:
 def lowers_to_linear(kind: str, axis: int) -> bool:
     """Whether an eligible weight used by a GEMM of ``kind`` along ``axis`` runs on the sparse
     linear kernels: ``linear``/``addmm``, and ``x @ W.T`` (``mm``/``matmul`` along axis 1, which
-    lowering rewrites to ``linear``)."""
+    lowering rewrites to ``linear``). A convolution lowers only when it is pointwise, a property of
+    the node, not of its kind (:func:`nmgraph.analysis.nodes.pointwise_conv_reason`)."""
     specs = [s for s in GEMM_WEIGHTS.values() if s.kind == kind]
     return any(s.lowers for s in specs) or (kind in ("mm", "matmul") and axis == 1)
 

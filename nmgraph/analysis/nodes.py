@@ -24,6 +24,7 @@ __all__ = [
     "mutates",
     "norm_dim",
     "op_name",
+    "pointwise_conv_reason",
     "rnn_call",
     "shape_of",
     "transposed_weight",
@@ -146,6 +147,36 @@ def linear_of_transposed(node: fx.Node) -> fx.Node | None:
 def conv_groups(node: fx.Node) -> int:
     """``groups`` of a convolution node."""
     return int(arg_of(node, "groups", 1))
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+    return tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def pointwise_conv_reason(node: fx.Node) -> str | None:
+    """``None`` when the convolution ``node`` is a GEMM over channels at every position (1x1 kernel,
+    ``groups=1``, stride 1, no padding, not transposed; dilation does nothing to a 1x1 kernel), else
+    what makes it more than that.
+
+    Such a convolution of ``x [B, C, *S]`` with ``W [O, C, 1, ...]`` computes, at each of the
+    ``B * prod(S)`` positions, ``W.view(O, C) @ x[b, :, s] + bias``: exactly ``linear`` on ``x``
+    moved channel-last, moved back.
+    """
+    kernel = shape_of(node.args[1])[2:]
+    if any(k != 1 for k in kernel):
+        return f"a {'x'.join(map(str, kernel))} kernel"
+    groups = int(arg_of(node, "groups", 1))
+    if groups != 1:
+        return f"groups={groups}"
+    if bool(arg_of(node, "transposed", False)):
+        return "a transposed convolution"
+    stride = _ints(arg_of(node, "stride", 1))
+    if any(s != 1 for s in stride):
+        return f"stride {list(stride)}"
+    padding = arg_of(node, "padding", 0)
+    if not isinstance(padding, str) and any(p != 0 for p in _ints(padding)):
+        return f"padding {list(_ints(padding))}"
+    return None
 
 
 def module_of(node: fx.Node, pname: str) -> str:

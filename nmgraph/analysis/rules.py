@@ -25,6 +25,7 @@ from nmgraph.analysis.aten_ops import (
     BINARY_OPS,
     CAST_OPS,
     EXPAND_OPS,
+    FILL_OPS,
     GROUPED_MM_NAMES,
     GROUPED_MM_OPS,
     METADATA_OPS,
@@ -878,6 +879,7 @@ OP_RULES: dict[object, Rule] = {
     operator.getitem: _getitem,
     aten.scaled_dot_product_attention.default: _sdpa,
     **{op: ignore for op in METADATA_OPS},
+    **{op: ignore for op in FILL_OPS},  # x.new_zeros(...), zeros_like(x): read only x's shape and dtype
     aten.copy_.default: _copy_,
     aten.glu.default: _glu,
     **{op: _weight_norm for op in WEIGHT_NORM_OPS},

@@ -2,7 +2,8 @@
 
 :mod:`~nmgraph.backends.base` defines :class:`Backend` (prepare, run, and the graph op it lowers to)
 and :class:`BackendRegistry`; each backend is one file: ``"dense"`` (F.linear on the decompressed,
-pruned weight; runs everywhere, :mod:`~nmgraph.backends.dense`), ``"triton"`` (nmgraph's N:M kernel,
+pruned weight; runs everywhere, :mod:`~nmgraph.backends.dense`), ``"triton"`` (nmgraph's N:M decode
+kernels in :mod:`~nmgraph.backends.kernels`, one op switching on the rows of x,
 :mod:`~nmgraph.backends.triton_nm`) and ``"cusparselt"`` (PyTorch's semi-structured 2:4 kernels,
 :mod:`~nmgraph.backends.cusparselt`). :mod:`~nmgraph.backends.ops` holds what their graph ops share;
 :mod:`~nmgraph.backends.dispatch` measures them per layer. Registries are objects, so a test or a

@@ -3,8 +3,9 @@
 A backend turns one compressed weight into something it can run (:meth:`Backend.prepare`, once per
 layer), runs ``y = x @ W^T + b`` with it (:meth:`Backend.run`), and says how a lowered graph calls it
 (:meth:`Backend.lower`: the graph op and the tensors that become buffers). Before that it says
-whether it can run at all on a device (:meth:`Backend.device_reason`) and for this layer
-(:meth:`Backend.layer_reason`): ``None`` means yes, a string is the reason a user reads.
+whether it can run at all on a device (:meth:`Backend.device_reason`), for this layer
+(:meth:`Backend.layer_reason`) and for this many rows of activations (:meth:`Backend.rows_reason`:
+a decode kernel declines prefill sizes): ``None`` means yes, a string is the reason a user reads.
 
 The dispatcher times ``run`` on the object the registry holds, and :func:`nmgraph.passes.lower_linears`
 asks that same object for its graph op, so what runs in the graph is what was measured.
@@ -30,12 +31,16 @@ class GraphCall:
 
     ``buffers``: ``(suffix, tensor)`` pairs in argument order; each tensor is registered on the
     weight's owning module as ``<leaf>_<suffix>`` (a ``None`` tensor is passed as ``None``).
-    ``args``: the constant arguments after the bias.
+    ``args``: the constant arguments after the bias. ``dense_slot``: the position in ``buffers`` of
+    an optional dense ``[out_features, in_features]`` weight (given as ``None``) that the op runs
+    for rows outside :meth:`Backend.rows_reason`'s range; the lowering passes the layer's own dense
+    weight there when the graph's rows are dynamic (docs/deploy.md).
     """
 
     op: Any
     buffers: tuple[tuple[str, torch.Tensor | None], ...]
     args: tuple
+    dense_slot: int | None = None
 
 
 class Backend:
@@ -53,8 +58,18 @@ class Backend:
         """Why this backend cannot run this weight with ``dtype`` activations, or ``None``."""
         return None
 
-    def unavailable_reason(self, weight: CompressedNM, dtype: torch.dtype, device: torch.device) -> str | None:
-        return self.device_reason(device) or self.layer_reason(weight, dtype)
+    def rows_reason(self, weight: CompressedNM, dtype: torch.dtype, rows: int) -> str | None:
+        """Why this backend should not run ``rows`` rows of activations (all leading dims) for this
+        layer, or ``None``: the rows its kernels are made for (the dispatcher does not time it
+        outside them, and a forced backend leaves such a layer dense)."""
+        return None
+
+    def unavailable_reason(self, weight: CompressedNM, dtype: torch.dtype, device: torch.device,
+                           rows: int | None = None) -> str | None:
+        reason = self.device_reason(device) or self.layer_reason(weight, dtype)
+        if reason is None and rows is not None:
+            reason = self.rows_reason(weight, dtype, rows)
+        return reason
 
     def prepare(self, weight: CompressedNM) -> Any:
         """Converts the compressed weight once into what :meth:`run` consumes."""

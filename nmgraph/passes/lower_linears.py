@@ -10,6 +10,16 @@ compressed along axis 0 has exactly the compressed layout of its ``[out, in]`` t
 output features, kept values run along ``in``), so the "transpose" costs nothing at lowering time.
 The result differs from the dense graph only by floating-point summation order.
 
+A pointwise convolution (1x1 kernel, ``groups=1``, stride 1, no padding; dilation does nothing to a
+1x1 kernel) of ``x [B, C, *S]`` with ``W [O, C, 1, ...]`` computes ``W.view(O, C) @ x[b, :, s] + bias``
+at every position, so it is rewritten as ``permute(x)`` to ``[B, *S, C]`` -> the linear op on
+``W.view(O, C)`` -> ``permute`` back to ``[B, O, *S]``: the same function.
+
+Rows. The dispatcher measures the node's rows (leading dims of its input). A node whose rows are
+symbolic (dynamic shapes), or every node with ``dynamic_rows=True``, also hands its op the layer's
+dense weight where the backend offers a slot for it (:attr:`GraphCall.dense_slot`): the op runs it
+for rows outside its kernels' range, so prefill sizes never go through a decode kernel.
+
 What it does, per eligible node (a GEMM the one table :data:`~nmgraph.analysis.aten_ops.GEMM_WEIGHTS`
 marks ``lowers``): compress the weight, choose a backend (``"auto"``: the
 :class:`~nmgraph.backends.dispatch.Dispatcher` measures dense and the sparse kernels for the
@@ -35,7 +45,7 @@ import torch
 from torch import fx
 
 from nmgraph.analysis.aten_ops import GEMM_WEIGHTS, GemmWeight, is_grouped_mm
-from nmgraph.analysis.nodes import linear_of_transposed, weight_source
+from nmgraph.analysis.nodes import linear_of_transposed, pointwise_conv_reason, weight_source
 from nmgraph.analysis.plan import Skip
 from nmgraph.backends import Backend, BackendRegistry, backend_names, default_registry
 from nmgraph.backends.dispatch import Decision, Dispatcher, DispatchKey, DispatchReport, device_name, m_bucket
@@ -50,8 +60,8 @@ __all__ = ["LinearLowering", "LowerLinearsConfig", "lower_linears", "lowering_ba
 log = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
-#: The GEMMs that lower (from the one GEMM table).
-_LOWERING = {op: spec for op, spec in GEMM_WEIGHTS.items() if spec.lowers}
+#: The GEMMs that lower (from the one GEMM table): linear kernels, and convolutions when pointwise.
+_LOWERING = {op: spec for op, spec in GEMM_WEIGHTS.items() if spec.lowers or spec.pointwise}
 
 
 def lowering_backends() -> tuple[str, ...]:
@@ -70,6 +80,10 @@ class LowerLinearsConfig:
     used by ``"auto"`` (default: a new :class:`Dispatcher`). ``rows_hint``: input rows assumed
     for dispatch when a node has no shape metadata. ``drop_dense``: remove dense weights the
     graph no longer reads. ``strict``: raise :class:`StrictModeError` instead of skipping.
+    ``dynamic_rows``: the graph will be called with other row counts than its shape metadata says
+    (Dynamo's automatic dynamic shapes): every lowered op whose backend offers it
+    (:attr:`GraphCall.dense_slot`) also gets the layer's dense weight, which it runs for rows outside
+    its kernels' range. Nodes whose rows are symbolic in the metadata are treated so anyway.
     """
 
     weights: Mapping[str, int] | None = None
@@ -79,6 +93,7 @@ class LowerLinearsConfig:
     rows_hint: int = 1
     drop_dense: bool = True
     strict: bool = False
+    dynamic_rows: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -109,6 +124,10 @@ class LinearLowering:
     backend: str
     axis: int
     reason: str = ""
+    #: the op also reads the dense weight, which it runs for rows outside its kernels' range
+    dense_fallback: bool = False
+    #: a pointwise convolution lowered as a GEMM over channels (input moved channel-last and back)
+    conv: bool = False
 
 
 @dataclass
@@ -121,7 +140,7 @@ class _State:
     changed: list[str] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     buffers: dict[tuple[str, str], tuple[str | None, ...]] = field(default_factory=dict)
-    calls: dict[tuple[str, str], tuple[Any, tuple]] = field(default_factory=dict)
+    calls: dict[tuple[str, str], tuple[Any, tuple, int | None]] = field(default_factory=dict)
     seen_weights: set[str] = field(default_factory=set)
 
 
@@ -209,7 +228,8 @@ def _rewrite_transposed_linears(gm: fx.GraphModule, cfg: LowerLinearsConfig) -> 
 
 
 def _lowering_ops() -> str:
-    return " and ".join(f"aten.{spec.kind}" for spec in _LOWERING.values())
+    kinds = list(dict.fromkeys(f"aten.{s.kind}" for s in _LOWERING.values() if s.lowers))
+    return ", ".join(kinds) + " and pointwise convolutions"
 
 
 def _skip_other_consumers(node: fx.Node, st: _State) -> None:
@@ -250,7 +270,7 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
             st.skipped.append(Skip(src.target, f"{where}: the weight is read through {w.format_node()}; only a "
                                                "parameter read directly lowers, so this layer runs densely"))
             return None
-        if cfg.weights is None:  # with an explicit list, only listed parameters are considered
+        if cfg.weights is None and not spec.pointwise:  # with an explicit list, only listed parameters count
             what = "a constant" if not isinstance(w, fx.Node) else f"computed by {w.format_node()}"
             st.skipped.append(Skip(node.name, f"weight is not a parameter or buffer of the graph module ({what}); "
                                               "nothing to compress at lowering time"))
@@ -259,6 +279,11 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
     if cfg.weights is not None and name not in cfg.weights:
         return None
     st.seen_weights.add(name)
+    if spec.pointwise and (why := pointwise_conv_reason(node)) is not None:
+        st.skipped.append(Skip(name, f"{spec.kind} ({node.name}): nmgraph has no sparse kernel for this convolution "
+                                     f"(it has {why}; only pointwise ones, 1x1 kernel, groups=1, stride 1, no "
+                                     f"padding, lower as GEMMs); it runs its folded {pattern} weight densely"))
+        return None
     if node.target is _aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
         st.skipped.append(Skip(name, f"{where}: addmm with beta/alpha other than 1 is not lowered"))
         return None
@@ -266,10 +291,10 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
         st.skipped.append(Skip(name, f"{where}: the activation is not a graph value"))
         return None
     weight = fetch_attr(gm, name)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        st.skipped.append(Skip(name, f"{where}: weight is not a 2-D tensor"))
+    if not isinstance(weight, torch.Tensor) or (weight.dim() < 3 if spec.pointwise else weight.dim() != 2):
+        st.skipped.append(Skip(name, f"{where}: weight is not a {'conv' if spec.pointwise else '2-D'} weight"))
         return None
-    if cfg.weights is not None and cfg.weights[name] % 2 != axis:
+    if cfg.weights is not None and cfg.weights[name] % weight.dim() != axis:
         st.skipped.append(Skip(name, f"listed with reduction axis {cfg.weights[name]} but {node.target} reduces "
                                      f"over axis {axis} of its weight"))
         return None
@@ -286,12 +311,20 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
     if dtype != weight.dtype:
         st.skipped.append(Skip(name, f"activations are {dtype} but the weight is {weight.dtype}"))
         return None
-    rows, rows_note = _rows(x_val, cfg.rows_hint)
+    # A pointwise conv is linear over channels: x [B, C, *S] moves channel-last, [B, *S, C].
+    perm = None
+    if spec.pointwise:
+        nd = x_val.dim() if isinstance(x_val, torch.Tensor) else weight.dim()
+        channel = nd - (weight.dim() - 2) - 1
+        perm = [d for d in range(nd) if d != channel] + [channel]
+    rows, rows_note, dynamic = _rows(x_val, cfg.rows_hint, perm)
     bias_t = fetch_attr(gm, bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+    out_features = weight.shape[1 - axis] if weight.dim() == 2 else weight.shape[0]
     if isinstance(bias, fx.Node) and bias_t is None:  # a computed bias: same shape for timing
-        bias_t = torch.zeros(weight.shape[1 - axis], dtype=weight.dtype, device=weight.device)
+        bias_t = torch.zeros(out_features, dtype=weight.dtype, device=weight.device)
 
-    compressed = compress(weight.detach(), pattern, axis=axis)
+    matrix = weight.detach().reshape(weight.shape[0], weight.shape[1]) if spec.pointwise else weight.detach()
+    compressed = compress(matrix, pattern, axis=axis)
     backend, reason = _choose(name, compressed, rows, rows_note, dtype, weight.device, bias_t, st)
     if backend is None:
         st.skipped.append(Skip(name, f"{node.name} keeps its folded dense weight: {reason}"))
@@ -302,8 +335,9 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
         call = backend.lower(compressed, backend.prepare(compressed))
         quals = _register_buffers(gm, name, call.buffers)
         st.buffers[(name, backend.name)] = quals
-        st.calls[(name, backend.name)] = (call.op, call.args)
-    op, const_args = st.calls[(name, backend.name)]
+        st.calls[(name, backend.name)] = (call.op, call.args, call.dense_slot)
+    op, const_args, dense_slot = st.calls[(name, backend.name)]
+    with_dense = dense_slot is not None and (dynamic or cfg.dynamic_rows)
     with gm.graph.inserting_before(node):
         attrs = []
         for qual in quals:
@@ -311,16 +345,49 @@ def _lower_node(gm: fx.GraphModule, node: fx.Node, spec: GemmWeight, st: _State)
             if a is not None:
                 _attr_meta(a, fetch_attr(gm, qual), x_val)
             attrs.append(a)
-        new = gm.graph.call_function(op, (x, *attrs, bias, *const_args))
+        if with_dense:
+            attrs[dense_slot] = _dense_matrix(gm, w, weight, axis, spec.pointwise)
+        x_in = x if perm is None else _permute(gm, x, perm)
+        new = gm.graph.call_function(op, (x_in, *attrs, bias, *const_args))
+        out = new if perm is None else _permute(gm, new, sorted(range(len(perm)), key=perm.__getitem__))
     new.meta = dict(node.meta)
+    if perm is not None and isinstance(node.meta.get("val"), torch.Tensor):
+        new.meta["val"] = node.meta["val"].permute(perm)
+        out.meta = dict(node.meta)
+    if with_dense:
+        reason += "; the op also holds the dense weight, which it runs for rows outside its kernels' range " \
+                  "(dynamic rows)"
     new.meta["nmgraph"] = LinearLowering(weight=name, pattern=str(pattern), backend=backend.name, axis=axis,
-                                         reason=reason)
-    node.replace_all_uses_with(new)
+                                         reason=reason, dense_fallback=with_dense, conv=perm is not None)
+    node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     if not w.users:
         gm.graph.erase_node(w)
     st.changed.append(new.name)
     return new
+
+
+def _permute(gm: fx.GraphModule, x: fx.Node, perm: list[int]) -> fx.Node:
+    """``aten.permute(x, perm)``, with its ``val`` when ``x`` has one."""
+    node = gm.graph.call_function(_aten.permute.default, (x, list(perm)))
+    val = x.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        node.meta["val"] = val.permute(perm)
+    return node
+
+
+def _dense_matrix(gm: fx.GraphModule, w: fx.Node, weight: torch.Tensor, axis: int, pointwise: bool) -> fx.Node:
+    """The layer's dense weight as ``[out_features, in_features]`` (a view of the parameter ``w``)."""
+    if pointwise:
+        node = gm.graph.call_function(_aten.view.default, (w, [weight.shape[0], weight.shape[1]]))
+    elif axis == 0:
+        node = gm.graph.call_function(_aten.t.default, (w,))
+    else:
+        return w
+    val = w.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        node.meta["val"] = val.view(weight.shape[0], weight.shape[1]) if pointwise else val.t()
+    return node
 
 
 def _choose(name: str, weight: CompressedNM, rows: int, rows_note: str, dtype: torch.dtype,
@@ -343,14 +410,14 @@ def _choose(name: str, weight: CompressedNM, rows: int, rows_note: str, dtype: t
                 f"lower_linears(backend={cfg.backend!r}) cannot lower {name}: {reason}. Use backend='auto' "
                 "(measures and falls back to dense) or 'dense'."
             )
-        reason = backend.layer_reason(weight, dtype)
+        reason = backend.layer_reason(weight, dtype) or backend.rows_reason(weight, dtype, m_bucket(rows))
         if reason is not None:
-            return None, f"backend={cfg.backend!r} cannot take this layer: {reason}"
+            return None, f"backend={cfg.backend!r} cannot take this layer: {reason}{rows_note}"
     key = DispatchKey(device_name(device), str(dtype).removeprefix("torch."), m_bucket(rows),
                       int(weight.values.shape[0]), int(weight.shape[weight.axis]), str(weight.pattern),
                       bias is not None)
     st.decisions.append(Decision(name, key, cfg.backend, f"backend={cfg.backend!r} requested", source="forced"))
-    return backend, f"backend={cfg.backend!r} requested"
+    return backend, f"backend={cfg.backend!r} requested{rows_note}"
 
 
 def _register_buffers(gm: fx.GraphModule, name: str, buffers: tuple[tuple[str, Any], ...]) -> tuple[str | None, ...]:
@@ -383,20 +450,24 @@ def _drop_unused_weights(gm: fx.GraphModule, names: set[str]) -> list[str]:
     return dropped
 
 
-def _rows(x_val: Any, hint: int) -> tuple[int, str]:
-    """Rows of the activation (product of its leading dims) from the node's ``val``."""
+def _rows(x_val: Any, hint: int, perm: list[int] | None = None) -> tuple[int, str, bool]:
+    """Rows of the activation (product of its leading dims, after ``perm`` moves the channels last)
+    from the node's ``val``; and whether they are dynamic (symbolic in the metadata)."""
     if not isinstance(x_val, torch.Tensor):
-        return hint, f" (no shape metadata on the input: assumed {hint} rows)"
-    rows = 1
-    for s in x_val.shape[:-1]:
+        return hint, f" (no shape metadata on the input: assumed {hint} rows)", False
+    dims = [x_val.shape[d] for d in perm[:-1]] if perm is not None else list(x_val.shape[:-1])
+    rows, dynamic = 1, False
+    for s in dims:
         if isinstance(s, int):
             rows *= s
             continue
+        dynamic = True
         hinted = getattr(getattr(s, "node", None), "hint", None)
         if hinted is None:
-            return hint, f" (dynamic input shape: assumed {hint} rows)"
+            return hint, f" (dynamic input shape: assumed {hint} rows)", True
         rows *= int(hinted)
-    return max(rows, 1), ""
+    note = f" (dynamic input shape: measured at its example's {rows} rows)" if dynamic else ""
+    return max(rows, 1), note, dynamic
 
 
 def _attr_meta(node: fx.Node, tensor: torch.Tensor, like: Any) -> None:

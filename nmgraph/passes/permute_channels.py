@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 SEARCH_SECONDS_PER_CELL = 2e-8  # greedy search with its escapes: seconds per rows * C * min(C, window)
 SEARCH_SECONDS_PER_GROUP = 0.05  # its fixed cost per group
 DEFAULT_TIME_LIMIT_MIN = 5.0  # seconds: the default budget never cuts a small model's search short
-DEFAULT_TIME_LIMIT_MAX = 300.0  # seconds: nor lets a large one search for long
+DEFAULT_TIME_LIMIT_MAX = 120.0  # seconds: nor lets a large one search for long
 MAX_SCORE_ELEMENTS = 1 << 26  # most entries of one score matrix (256 MiB in float32); rows are sampled
 MIN_SAMPLED_ROWS = 256  # fewest score rows a time-bounded search samples
 SEARCH_WINDOW = 256  # search_permutation's default window (channels per gain table)
@@ -88,6 +88,7 @@ class GroupDecision:
     decided_by: str = ""
     rows: int = 0
     rows_total: int = 0
+    kept_on_sample: bool = False
     seconds: float = 0.0
     budget: float = 0.0
     note: str = ""
@@ -96,6 +97,8 @@ class GroupDecision:
         err = "" if self.error_after is None else (
             f", pruned-model error {self.error_before:.4g} -> {self.error_after:.4g}")
         sampled = f", {self.rows} of {self.rows_total} score rows" if self.rows < self.rows_total else ""
+        if self.kept_on_sample:
+            sampled += " (kept magnitude after: on those rows)"
         verdict = "kept" if self.applied else "not kept"
         note = f" ({self.note})" if self.note else ""
         return (f"group {self.id} ({self.size} channels, {self.consumers} consumers): kept magnitude "
@@ -425,7 +428,7 @@ def default_time_limit(plan: SparsityPlan, gm: fx.GraphModule | None = None, fix
 
     It scales with the work: the greedy search with its escapes costs about
     ``SEARCH_SECONDS_PER_CELL * rows * C * min(C, 256)`` per group (measured,
-    ``docs/permutation_search.md``); the budget is 1.5 times the sum over the searched groups, plus
+    ``docs/permutation_search.md``); the budget is the sum over the searched groups, plus
     ``fixed_seconds`` (the forwards and kept-magnitude tables of the call), at least
     ``DEFAULT_TIME_LIMIT_MIN`` and at most ``DEFAULT_TIME_LIMIT_MAX`` plus ``fixed_seconds``. Larger
     groups then search a row sample (their gain is measured on every row before it is kept).
@@ -444,7 +447,7 @@ def default_time_limit(plan: SparsityPlan, gm: fx.GraphModule | None = None, fix
         rows = sum(math.prod(shapes[c]) // g.size if c in shapes else 0 for c in g.consumers)
         est += SEARCH_SECONDS_PER_GROUP + SEARCH_SECONDS_PER_CELL * _cells(min(rows, MAX_SCORE_ELEMENTS // g.size),
                                                                             g.size)
-    return min(max(DEFAULT_TIME_LIMIT_MIN, 1.5 * est), DEFAULT_TIME_LIMIT_MAX) + fixed_seconds
+    return min(max(DEFAULT_TIME_LIMIT_MIN, est), DEFAULT_TIME_LIMIT_MAX) + fixed_seconds
 
 
 class _Progress:
@@ -463,7 +466,7 @@ class _Progress:
             return
         total = None if math.isinf(budget) else round(budget, 1)
         # The bar counts seconds of the budget: the call ends by then, so the ETA is an honest bound.
-        self.bar = tqdm(total=total, desc="permute", unit="s", leave=False,
+        self.bar = tqdm(total=total, desc="permute", unit="s", leave=False, disable=None,  # off when not a terminal
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}, {postfix}")
 
     def show(self, status: str | None = None) -> None:
@@ -570,16 +573,22 @@ def permute(
 
         t0 = time.perf_counter()
         sums: dict[str, tuple[float, float]] = {}
+        costs: dict[str, float] = {}  # seconds of one kept table, per weight: the yardstick of fixed costs
         for info in plan.layers:
+            t1 = time.perf_counter()
             sums[info.name] = _kept_sums(tensors[info.name], p, info.axis)
+            costs[info.name] = time.perf_counter() - t1
             kept, total = sums[info.name]
             report.kept_before[info.name] = kept / total if total else 1.0
         t_kept = time.perf_counter() - t0
 
         searched = [g for g in plan.groups if g.consumers] if searching else []
-        # fixed costs after the search: kept_after, the acceptance forwards and pruning, verification
+        # fixed costs after the search: kept_after, verification and, for accept="error", pruning every
+        # eligible weight (nm_mask and a product: about 1.5 kept tables, measured), permuting and
+        # pruning each candidate's consumers again (2.5 at most) and one forward per batch per
+        # candidate (plus the baseline)
         reserve = t_kept + (t_forward if verify else 0.0) + (
-            (len(searched) + 2) * t_batches + 2 * t_kept if by_error else 0.0)
+            (len(searched) + 1) * t_batches + 4 * t_kept if by_error else 0.0)
         if time_limit is None:
             budget = default_time_limit(plan, gm, time.perf_counter() - start + reserve)
         else:
@@ -588,8 +597,8 @@ def permute(
         deadline = start + budget
         bar = _Progress(progress, budget, start)
         try:
-            candidates = _find_permutations(gm, plan, search, seed, perms, score, searched, sums, report,
-                                            deadline, reserve, threads, bar, tensors)
+            candidates = _find_permutations(gm, plan, search, seed, perms, score, searched, sums, costs, report,
+                                            deadline, reserve, threads, bar, tensors, exact=not by_error)
             applied: list[tuple[PermutationGroup, torch.Tensor]] = []
             try:
                 if by_error and candidates:
@@ -628,9 +637,13 @@ def permute(
     return report
 
 
-def _find_permutations(gm, plan, search, seed, perms, score, searched, sums, report, deadline, reserve,
-                       threads, bar, tensors) -> list[tuple[PermutationGroup, torch.Tensor]]:
-    """The candidate permutation of every group: given, random, or searched within the budget."""
+def _find_permutations(gm, plan, search, seed, perms, score, searched, sums, costs, report, deadline, reserve,
+                       threads, bar, tensors, exact: bool) -> list[tuple[PermutationGroup, torch.Tensor]]:
+    """The candidate permutation of every group: given, random, or searched within the budget.
+
+    A group searched on a row sample has its kept score measured on every row when ``exact`` (the
+    permutation is then kept by magnitude); otherwise the sample's ratio estimates it and the
+    pruned model's error decides."""
     p = plan.pattern
     gen = torch.Generator().manual_seed(seed)
     if perms is not None:
@@ -664,9 +677,12 @@ def _find_permutations(gm, plan, search, seed, perms, score, searched, sums, rep
         need = SEARCH_SECONDS_PER_GROUP + SEARCH_SECONDS_PER_CELL * _cells(rows_total, g.size)
         share = min(max(share, min(need, left / len(rest))), left)
         cap = MAX_SCORE_ELEMENTS // g.size
-        if not math.isinf(share):  # rows a search can take a few sweeps over in its share
+        search_share = share
+        if not math.isinf(share):  # rows a search can converge on in its share
             per_row = SEARCH_SECONDS_PER_CELL * _cells(1, g.size)
-            cap = min(cap, max(MIN_SAMPLED_ROWS, int(max(share - SEARCH_SECONDS_PER_GROUP, 0.0) / per_row)))
+            if need > share and exact:  # a sample, its permutation measured on every row: ~2 kept tables
+                search_share = max(share - 2 * sum(costs.get(c, 0.0) for c in g.consumers), 0.0)
+            cap = min(cap, max(MIN_SAMPLED_ROWS, int(max(search_share - SEARCH_SECONDS_PER_GROUP, 0.0) / per_row)))
         t0 = time.perf_counter()
         gid_kept = sum(sums[c][0] for c in g.consumers)
         gid_total = sum(sums[c][1] for c in g.consumers) or 1.0
@@ -687,21 +703,25 @@ def _find_permutations(gm, plan, search, seed, perms, score, searched, sums, rep
         scale = rows_total / max(matrix.shape[0], 1)
         bar.show(f"{status}, kept {100 * kept_all / total_all:.2f}%")
         result = search_permutation(matrix, p, method=search, block=g.block, seed=seed,
-                                    time_limit=max(share - (time.perf_counter() - t0), 0.0), threads=threads,
+                                    time_limit=max(search_share - (time.perf_counter() - t0), 0.0), threads=threads,
                                     progress=lambda k, _t=tick, _s=scale: _t(k, _scale=_s))
         perm = result.perm.cpu()
         report.efficacy[g.id] = result.efficacy
-        if decision.rows < rows_total:  # measure the sample's permutation on every row
+        if decision.rows < rows_total and exact:  # measure the sample's permutation on every row
             new_kept = _exact_kept(consumers, g.size, p, perm) if result.kept > result.kept_identity else gid_kept
         else:
             new_kept = gid_kept * result.kept / result.kept_identity if result.kept_identity > 0 else gid_kept
+            decision.kept_on_sample = decision.rows < rows_total
         decision.kept_after = new_kept / gid_total
         decision.seconds = time.perf_counter() - t0
         log.info("group %d (%d channels, %d of %d score rows): kept %.4f -> %.4f in %.2f s (share %.2f s)", g.id,
                  g.size, decision.rows, rows_total, decision.kept_before, decision.kept_after, decision.seconds, share)
         if new_kept <= gid_kept or result.kept <= result.kept_identity:
-            decision.note = "the search found no permutation that keeps more"
-            report.skipped.append(Skip(f"group {g.id}", "search found no permutation that keeps more"))
+            why = ("the time limit left no time for its search (the kept-magnitude tables, pruning and "
+                   "forwards of the call come first)" if search_share <= 0 else
+                   "the search found no permutation that keeps more")
+            decision.note = why
+            report.skipped.append(Skip(f"group {g.id}", why))
             continue
         kept_all += new_kept - gid_kept
         out.append((g, perm))
@@ -746,9 +766,11 @@ def _accept_by_error(gm, plan, candidates, score, batches, refs, report, applied
                 report.skipped.append(Skip(f"group {g.id}", d.note))
                 continue
             bar.show(f"checking group {g.id}: pruned-model error")
+            reduced = _reduced(g, layers)
+            pruned_before = {name: tensors[name].detach().clone() for name in reduced}  # put back if rejected
             _permute_members(views, g, perm)
             applied.append((g, perm))
-            prune({m.name for m in g.members if m.name in layers})
+            prune(reduced)
             errs, _ = _sample_errors(gm, batches, refs)
             d.error_before, d.error_after, d.decided_by = _relative(current, den), _relative(errs, den), "error"
             better, why = _lower(errs, current)
@@ -758,7 +780,9 @@ def _accept_by_error(gm, plan, candidates, score, batches, refs, report, applied
             else:
                 applied.pop()
                 _permute_members(views, g, torch.argsort(perm))
-                prune({m.name for m in g.members if m.name in layers})
+                with torch.no_grad():
+                    for name, t in pruned_before.items():
+                        tensors[name].copy_(t)
                 d.note = "the pruned model's output error does not drop with it" + (f": {why}" if why else "")
                 report.skipped.append(Skip(f"group {g.id}", d.note))
             per_check = time.perf_counter() - t0
@@ -769,6 +793,12 @@ def _accept_by_error(gm, plan, candidates, score, batches, refs, report, applied
         with torch.no_grad():
             for name, d in dense.items():
                 tensors[name].copy_(d)
+
+
+def _reduced(g: PermutationGroup, layers: Mapping[str, LayerInfo]) -> set[str]:
+    """The eligible weights whose N:M groups a permutation of ``g`` changes: those that hold its
+    channels on their reduction axis (on another axis, the mask just moves with the rows)."""
+    return {m.name for m in g.members if m.name in layers and m.axis == layers[m.name].axis}
 
 
 def _verify(gm, applied, ref, args, kwargs, report) -> None:
