@@ -1,4 +1,7 @@
-"""lower_linears: linear/addmm -> the chosen backend's op, equivalence, node counts, metadata, skips, export."""
+"""lower_linears: linear/addmm -> the chosen backend's op, equivalence, node counts, metadata, skips, export.
+
+Graphs are captured static (``dynamic=False``), as ``nmgraph.compile`` captures one graph per input
+signature; the dynamic-rows path has its own test (``dynamic_shapes=``)."""
 
 import os
 
@@ -86,7 +89,7 @@ def test_mlp_equivalence_counts_and_buffers(backend):
     dtype = torch.float16 if backend == "triton" else torch.float32
     model, weights, x = _mlp(dtype)
     ref = _run(model, x)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     before = {n.name: dict(n.meta) for n in gm.graph.nodes if n.target is aten.linear.default}
     assert len(before) == 3
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend=backend))
@@ -115,7 +118,7 @@ def test_mlp_equivalence_counts_and_buffers(backend):
 
 def test_node_metadata_is_carried_over():
     model, weights, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     old = {n.args[1].target: dict(n.meta) for n in gm.graph.nodes if n.target is aten.linear.default}
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     new = [n for n in gm.graph.nodes if n.target in NM_LINEAR]
@@ -135,7 +138,7 @@ def test_node_metadata_is_carried_over():
 def test_lowered_graph_exports_and_compiles():
     model, weights, x = _mlp()
     ref = _run(model, x)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     ep = torch.export.export(gm, (x,))
     assert sum(1 for n in ep.graph.nodes if n.target in NM_LINEAR) == 3
@@ -173,7 +176,7 @@ def test_op_checks_its_arguments():
 def test_lowered_triton_graph_exports_and_traces_whole():
     model, weights, x = _mlp(torch.float16)
     ref = _run(model, x)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     ep = torch.export.export(gm, (x,))
     ops = [n.target for n in ep.graph.nodes if n.target in NM_LINEAR]
@@ -186,7 +189,7 @@ def test_lowered_triton_graph_exports_and_traces_whole():
 
 def test_runs_in_the_pass_runner_with_lint():
     model, weights, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     cfg = LowerLinearsConfig(weights=weights, backend="dense")
     (result,) = run_passes(gm, [lower_linears], cfg, lint=True)
     assert len(result.changed_nodes) == 3
@@ -198,7 +201,7 @@ def test_runs_in_the_pass_runner_with_lint():
 
 def test_auto_on_cpu_keeps_dense_and_says_why():
     model, weights, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="auto"))
     assert not result.modified and _count(gm, aten.linear.default) == 3 and _count(gm, NM_LINEAR) == 0
     assert len(result.skipped) == 3 and all(CPU_REASON in s.reason for s in result.skipped)
@@ -211,7 +214,7 @@ def test_auto_on_cpu_keeps_dense_and_says_why():
 @needs_kernel
 def test_auto_lowers_where_measured_faster():
     model, weights, x = _mlp(torch.float16)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
 
     def timer(label, fn):
         fn()
@@ -252,7 +255,7 @@ def test_every_skip_has_a_reason():
     with torch.no_grad():
         model.ok.weight.mul_(nm_mask(model.ok.weight, "2:4"))
     args = (torch.randn(2, 64), torch.randn(2, 6), torch.tensor([1, 2]))
-    gm = capture(model, args)
+    gm = capture(model, args, dynamic=False)
     weights = {"dense.weight": 1, "ragged.weight": 1, "emb.weight": 1, "ok.weight": 1, "missing.weight": 1}
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     reasons = {s.name: s.reason for s in result.skipped}
@@ -265,7 +268,7 @@ def test_every_skip_has_a_reason():
     torch.testing.assert_close(_run(gm, *args), _run(model, *args), rtol=1e-5, atol=1e-4)
 
     # without a list, every linear is considered: the computed weight is reported as such
-    gm2 = capture(model, args)
+    gm2 = capture(model, args, dynamic=False)
     result2 = lower_linears(gm2, LowerLinearsConfig(backend="dense"))
     computed = [s for s in result2.skipped if "not a parameter or buffer" in s.reason]
     assert len(computed) == 1 and "computed by" in computed[0].reason and "aten.mul" in computed[0].reason
@@ -276,14 +279,14 @@ def test_strict_turns_skips_into_an_error():
     model, weights, x = _mlp()
     with torch.no_grad():
         model.fc2.weight.add_(1.0)  # no longer 2:4
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     with pytest.raises(StrictModeError, match=r"fc2\.weight: not 2:4"):
         lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense", strict=True))
 
 
 def test_wrong_axis_in_the_list_is_skipped():
     model, _, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     result = lower_linears(gm, LowerLinearsConfig(weights={"fc1.weight": 0}, backend="dense"))
     assert [s.name for s in result.skipped] == ["fc1.weight"]
     assert "axis 0" in result.skipped[0].reason and _count(gm, NM_LINEAR) == 0
@@ -291,7 +294,7 @@ def test_wrong_axis_in_the_list_is_skipped():
 
 def test_forced_backend_unavailable_raises(monkeypatch):
     model, weights, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     with pytest.raises(BackendUnavailableError, match=r"cannot lower fc1\.weight.*CUDA devices only"):
         lower_linears(gm, LowerLinearsConfig(weights=weights, backend="cusparselt"))
     if not CUDA:
@@ -309,9 +312,9 @@ def test_config_validation():
     with pytest.raises(UnsupportedError, match=r"weights\['fc1.weight'\] = 3"):
         LowerLinearsConfig(weights={"fc1.weight": 3})
     with pytest.raises(UnsupportedError, match="takes a LowerLinearsConfig or a dict"):
-        lower_linears(capture(MLP(), (torch.randn(1, 64),)), 42)
+        lower_linears(capture(MLP(), (torch.randn(1, 64),), dynamic=False), 42)
     model, weights, x = _mlp()
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     result = lower_linears(gm, {"weights": weights, "backend": "dense"})  # a plain dict works too
     assert len(result.changed_nodes) == 3
 
@@ -324,7 +327,7 @@ def test_hf_models_match_the_pruned_reference_and_export(family):
     model, args = hf_models.FACTORIES[family]()
     weights = _prune(model)
     ref = hf_models.first_tensor(_run(model, *args))
-    gm = capture(model, args)
+    gm = capture(model, args, dynamic=False)
     n_linear = _count(gm, aten.linear.default) + _count(gm, aten.addmm.default)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     lowered = _count(gm, NM_LINEAR)
@@ -351,7 +354,7 @@ def test_llama_with_the_triton_kernel():
     args = (args[0][:, :1],)  # one decode token for each of 2 sequences: 2 rows, the GEMV (fp32)
     weights = _prune(model)
     ref = hf_models.first_tensor(_run(model, *args))
-    gm = capture(model, args)
+    gm = capture(model, args, dynamic=False)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     assert _count(gm, NM_LINEAR) == len(weights) == 8
     assert set(result.info["backends"].values()) == {"triton"}
@@ -399,7 +402,7 @@ def _cnn(dtype=torch.float32, size=6):
 def test_pointwise_convolutions_lower_as_gemms_over_channels():
     model, weights, x = _cnn()
     ref = _run(model, x)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     n_conv = _count(gm, aten.conv2d.default) + _count(gm, aten.conv1d.default)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="dense"))
     gm.graph.lint()
@@ -426,7 +429,7 @@ def test_pointwise_convolutions_on_the_triton_kernels():
     # 1 x 4 x 4 positions = 16 rows (fp16 tensor-core kernel); 1 x 2 x 1 = 2 rows for the Conv1d (GEMV)
     model, weights, x = _cnn(torch.float16, size=4)
     ref = _run(model, x)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     lowered = sorted(n.meta["nmgraph"].weight for n in gm.graph.find_nodes(op="call_function", target=TRITON_OP))
     assert lowered == ["expand.weight", "project.weight", "seq.weight"] and len(result.changed_nodes) == 3
@@ -461,7 +464,7 @@ def test_static_graph_op_called_with_other_rows_is_still_right():
     # decompresses the packed weight for that call: correct, not fast (nmgraph.compile captures a new
     # graph for a new input shape instead).
     model, weights, _ = _mlp()
-    gm = capture(model, (torch.randn(2, 64),))
+    gm = capture(model, (torch.randn(2, 64),), dynamic=False)
     lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     node = gm.graph.find_nodes(op="call_function", target=TRITON_OP)[0]
     assert node.meta["nmgraph"].weight == "fc1.weight" and not node.meta["nmgraph"].dense_fallback
@@ -478,7 +481,7 @@ def test_static_graph_op_called_with_other_rows_is_still_right():
 def test_forced_triton_leaves_prefill_sizes_dense():
     model, weights, _ = _mlp(torch.float16)
     x = torch.randn(70, 64, dtype=torch.float16)
-    gm = capture(model, (x,))
+    gm = capture(model, (x,), dynamic=False)
     result = lower_linears(gm, LowerLinearsConfig(weights=weights, backend="triton"))
     assert result.changed_nodes == [] and len(result.skipped) == 3
     assert all("prefill size" in s.reason for s in result.skipped)
