@@ -130,22 +130,22 @@ def _short(reason: str, width: int = 72) -> str:
 def _watch_analysis(seen: dict):
     """Keeps analyze's channel classes, to tell which barrier leaves which layer without a group.
 
-    Reads nmgraph internals (``analysis._collect_groups`` and its flow): the plan names each barrier
-    once per channel class, not the layers it costs. If they change, the column says so.
+    Reads nmgraph internals (``nmgraph.analysis.analyzer.collect_groups`` and its flow): the plan names
+    each barrier once per channel class, not the layers it costs. If they change, the column says so.
     """
-    from nmgraph import analysis
+    from nmgraph.analysis import analyzer
 
-    orig = analysis._collect_groups
+    orig = analyzer.collect_groups
 
-    def spy(flow, tensors, canonical, eligible_node_of, layers):
-        seen.update(flow=flow, eligible=eligible_node_of)
-        return orig(flow, tensors, canonical, eligible_node_of, layers)
+    def spy(flow, tensors, canonical, eligible_nodes, layers):
+        seen.update(flow=flow, eligible=eligible_nodes)
+        return orig(flow, tensors, canonical, eligible_nodes, layers)
 
-    analysis._collect_groups = spy
+    analyzer.collect_groups = spy
     try:
         yield
     finally:
-        analysis._collect_groups = orig
+        analyzer.collect_groups = orig
 
 
 def _costly_barriers(plan, seen: dict) -> dict[str, int]:
@@ -188,7 +188,7 @@ def run_case(name: str) -> dict:
     try:
         seen: dict = {}
         gm = nmgraph.capture(model, args, kwargs)
-        row["capture"] = gm.meta.get("nmgraph_capture", "?")
+        row["capture"] = getattr(nmgraph.graph_record(gm), "captured_by", "?")
         with _watch_analysis(seen):
             plan = nmgraph.analyze(gm, PATTERN)
         row.update(eligible=len(plan.layers), dense=len(plan.skipped), groups=len(plan.groups),
@@ -296,7 +296,7 @@ def _header() -> str:
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"# nmgraph coverage | torch {torch.__version__} | transformers {transformers.__version__} | "
-            f"python {platform.python_version()} | {cpu}, {gpu} | nmgraph {Path(nmgraph.__file__).parent} "
+            f"python {platform.python_version()} | {cpu}, {gpu} | nmgraph {nmgraph.__version__} "
             f"(git {commit}) | {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 

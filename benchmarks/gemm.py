@@ -1,4 +1,4 @@
-"""GEMM benchmark: dense F.linear vs cuSPARSELt 2:4 vs nmgraph's Triton N:M kernel vs "auto".
+"""GEMM benchmark: dense F.linear vs cuSPARSELt 2:4 vs nmgraph's Triton N:M kernels vs "auto".
 
 Full table (needs a CUDA GPU):
 
@@ -8,7 +8,10 @@ M in {1, 4, 16, 64, 256, 1024, 4096}, (N, K) in {(4096, 4096), (11008, 4096), (4
 (14336, 4096)}, fp16. Every column is the median time of ``y = x @ W^T`` measured in this run
 (``triton.testing.do_bench`` on CUDA), every ratio is dense time / column time from the same run.
 "auto" is the backend nmgraph's dispatcher picks for the 2:4 weight at that M (after its own
-measurement); its column reports that backend's time from this table.
+measurement); its column reports that backend's time from this table. The Triton columns go through
+``TritonBackend`` as lowered graphs run it (repacked once; GEMV at M <= 2, tensor-core kernel at
+M = 3..64 for 2:4 and 1:4 in fp16/bf16); where the backend declines the rows
+(``TritonBackend.rows_reason``: prefill sizes, or M >= 3 for 1:8) the column is n/a.
 
 Reduced mode, runs anywhere (CPU included) so the script cannot rot:
 
@@ -85,6 +88,7 @@ def run(args) -> dict:
     for n, k in nk_list:
         weights = {p: pruned(n, k, p, dtype, device, seed=i) for i, p in enumerate(TRITON_PATTERNS)}
         comp = {p: compress(w, p) for p, w in weights.items()}
+        triton_prepared = {p: triton_be.prepare(c) for p, c in comp.items()} if triton_reason is None else {}
         w24 = weights["2:4"]
         cslt_prepared = None
         layer_reason = cslt_reason or cslt_be.layer_reason(comp["2:4"], dtype)
@@ -109,12 +113,18 @@ def run(args) -> dict:
                     row[col] = None
                     row["triton_note"] = triton_reason
                     continue
-                check(triton_be.run(x, comp[p], None), F.linear(x, weights[p]), f"triton {p}")
+                declined = triton_be.rows_reason(comp[p], dtype, m)
+                if declined is not None:
+                    row[col] = None
+                    row[f"triton_{p}_note"] = declined
+                    continue
+                check(triton_be.run(x, triton_prepared[p], None), F.linear(x, weights[p]), f"triton {p}")
                 if interpreted and device.type == "cpu":  # checked above; interpreter time means nothing
                     row[col] = None
                     row["triton_note"] = "checked against dense in the interpreter; not timed"
                     continue
-                row[col] = bench(lambda x=x, c=comp[p]: triton_be.run(x, c, None), device, quick=args.quick)
+                row[col] = bench(lambda x=x, w=triton_prepared[p]: triton_be.run(x, w, None), device,
+                                 quick=args.quick)
             decision = dispatcher.decide(f"gemm_{n}x{k}", comp["2:4"], rows=m, dtype=dtype, device=device)
             row["auto_backend"] = decision.backend
             row["auto_reason"] = decision.reason
@@ -179,7 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dispatch-cache", type=Path, help="persistent dispatch cache file for 'auto'")
     args = ap.parse_args(argv)
     result = run(args)
-    notes = {r.get("cusparselt_note") for r in result["rows"]} | {r.get("triton_note") for r in result["rows"]}
+    notes = {r.get(key) for r in result["rows"]
+             for key in ("cusparselt_note", "triton_note", *(f"triton_{p}_note" for p in TRITON_PATTERNS))}
     for note in sorted(n for n in notes if n):
         print(f"n/a: {note}")
     print(f"device: {result['device']}; torch {result['torch']}; triton {result['triton']}; {result['date']}")

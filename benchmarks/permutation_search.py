@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from nmgraph._search_kernels import distinct_partitions
 from nmgraph.pattern import Pattern
-from nmgraph.permutation_search import kept_score, search_permutation, unstructured_bound
+from nmgraph.search.kernels import distinct_partitions
+from nmgraph.search.permutation import kept_score, search_permutation, unstructured_bound
 
 
 def make_matrix(rows: int, cols: int, seed: int, kind: str = "gauss") -> torch.Tensor:
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.log:
         logging.basicConfig(format="%(relativeCreated)8.0fms %(message)s")
-        logging.getLogger("nmgraph.permutation_search").setLevel(logging.DEBUG)
+        logging.getLogger("nmgraph.search.permutation").setLevel(logging.DEBUG)
     repeats = args.repeats or (1 if args.quick else 3)
     print(
         f"# nmgraph permutation search | torch {torch.__version__} | {platform.processor() or platform.machine()} "

@@ -68,8 +68,8 @@ def main() -> None:
     # a second prepared graph of the same model whose masks are never recomputed
     frozen = prepare(model, (ids,), args.pattern, method="sr-ste", permute=False, update_interval=10**9)
     cb_frozen = SparsityCallback(frozen)
-    n_masked = len(sparse.meta["nmgraph_prepare"]["masked"])
-    masked_params = sum(model.get_parameter(n).numel() for n in sparse.meta["nmgraph_prepare"]["masked"])
+    n_masked = len(nmgraph.graph_record(sparse).prepared.masked)
+    masked_params = sum(model.get_parameter(n).numel() for n in nmgraph.graph_record(sparse).prepared.masked)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

@@ -40,7 +40,7 @@ def main() -> None:
     # 1. Capture
     gm = nmgraph.capture(model, args)
     print(f"captured {type(model).__name__}: {len(gm.graph.nodes)} nodes "
-          f"(via {gm.meta['nmgraph_capture']})\n")
+          f"(via {nmgraph.graph_record(gm).captured_by})\n")
 
     # 2. Analysis: eligible weights, weights left dense (with reasons), permutation groups
     plan = nmgraph.analyze(gm, pattern)

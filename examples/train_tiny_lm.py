@@ -148,7 +148,7 @@ def run(method: str, pattern: str, seed: int, args, train, val_batches) -> dict:
     result = {"method": method, "pattern": pattern if method != "dense" else "-", "seed": seed,
               "val_bpc": bpc, "train_loss": loss.item(), "seconds": seconds}
     if method != "dense":
-        masked = net.meta["nmgraph_prepare"]["masked"]
+        masked = nmgraph.graph_record(net).prepared.masked
         convert(net)
         assert all(nmgraph.is_nm(model.get_parameter(n), pattern) for n in masked)
         after = bits_per_char(net, val_batches)

@@ -6,16 +6,17 @@ triton, onnx, tensorrt) load on first use.
 
 from __future__ import annotations
 
+from nmgraph._version import __version__
 from nmgraph.analysis import analyze
+from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
-from nmgraph.deploy import (
-    CompiledModule,
-    compile,
-)
+from nmgraph.deploy import CompiledModule, CompileOptions, compile
 from nmgraph.errors import (
+    ArgumentError,
     BackendUnavailableError,
     CaptureError,
+    CaptureWarning,
     NMGraphError,
     PatternError,
     PlanError,
@@ -25,24 +26,28 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
-from nmgraph.export import ExportReport, export
+from nmgraph.exporters.hf import HFSaved, from_pretrained, load, save_pretrained
+from nmgraph.exporters.onnx_export import ExportReport, export
+from nmgraph.exporters.serialize import save
+from nmgraph.graph import GraphRecord, graph_record
 from nmgraph.oneshot import CalibrationError, SparsifyReport, sparsify
 from nmgraph.passes.permute_channels import PermuteReport, permute
 from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.permutation_search import SearchResult, kept_score, search_permutation
-from nmgraph.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
-from nmgraph.serialize import load, save
+from nmgraph.search import SearchResult, kept_score, search_permutation
 from nmgraph.training import SparsityCallback, convert, prepare
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "CalibrationError",
     "CaptureError",
+    "CaptureWarning",
+    "CompileOptions",
     "CompiledModule",
     "CompressedNM",
     "ExportReport",
+    "GraphRecord",
+    "HFSaved",
     "LayerInfo",
     "Member",
     "NMGraphError",
@@ -68,6 +73,8 @@ __all__ = [
     "compress",
     "convert",
     "export",
+    "from_pretrained",
+    "graph_record",
     "is_nm",
     "kept_score",
     "load",
@@ -75,6 +82,7 @@ __all__ = [
     "permute",
     "prepare",
     "save",
+    "save_pretrained",
     "search_permutation",
     "sparsify",
 ]

@@ -4,7 +4,10 @@ Models come from (the positional ``MODEL`` argument, or ``--hf-config``):
 
 * a Python factory ``pkg.module:function`` or ``path/to/file.py:function`` returning a model or
   ``(model, example_inputs)`` (the current directory is importable);
-* a directory written by ``nmgraph sparsify`` / :func:`nmgraph.serialize.save`;
+* a Hugging Face model directory (``config.json`` with ``model.safetensors`` or sharded
+  safetensors and their index; weights keep their stored dtype), as ``save_pretrained`` writes it;
+  ``nmgraph sparsify HF_DIR --out OUT`` writes one that ``from_pretrained`` loads;
+* a directory written by ``nmgraph sparsify`` / :func:`nmgraph.exporters.serialize.save`;
 * ``--hf-config NAME`` (a small preset: bert, gpt2, llama, vit, resnet) or ``--hf-config
   config.json``: a transformers model with random weights, built offline.
 
@@ -18,6 +21,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -30,12 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmgraph import report
+from nmgraph.analysis import analyze
+from nmgraph.capture import capture, set_eval, split_inputs
+from nmgraph.exporters import hf, serialize
+from nmgraph.exporters.onnx_export import FORMATS, export
+from nmgraph.passes.permute_channels import permute
+from nmgraph.pattern import is_nm
+from nmgraph.report import layer_stats, print_report
+from nmgraph.search import SEARCHES
+from nmgraph.training import convert
+
 __all__ = ["HF_PRESETS", "LoadedModel", "build_parser", "load_model", "main"]
 
 log = logging.getLogger("nmgraph.cli")
 
-SEARCHES = ("none", "random", "greedy", "exhaustive")
-FORMATS = ("onnx", "tensorrt")
 BENCHMARKS = ("gemm", "e2e")
 
 # Small transformers configs (random weights): name -> (config class, model class, config kwargs, input).
@@ -88,6 +101,8 @@ def load_model(spec: str | None, hf_config: str | None = None, *, batch: int = 2
     if hf_config is not None:
         return _hf_model(hf_config, batch=batch, seq=seq)
     path = Path(spec)
+    if hf.is_hf_directory(path):
+        return _pretrained_model(path, batch=batch, seq=seq)
     if path.is_dir():
         return _saved_model(path, batch=batch, seq=seq)
     if ":" not in spec:
@@ -132,14 +147,8 @@ def _factory_model(spec: str) -> LoadedModel:
     if not (isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
         raise CLIError(f"factory {spec!r} must return (model, example_inputs), got {type(made).__name__}")
     model, inputs = made
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     return LoadedModel(model.eval(), args, kwargs, {"kind": "factory", "spec": spec})
-
-
-def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
-    from nmgraph.serialize import _split_inputs as split
-
-    return split(inputs)
 
 
 def _hf_model(name: str, *, batch: int, seq: int) -> LoadedModel:
@@ -175,7 +184,6 @@ def _hf_model(name: str, *, batch: int, seq: int) -> LoadedModel:
 
 
 def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedModel:
-    import torch
     import transformers
 
     if hasattr(config, "use_cache"):
@@ -183,22 +191,39 @@ def _build_hf(config: Any, model_cls: str, *, batch: int, seq: int) -> LoadedMod
     cls = getattr(transformers, model_cls)
     model = cls.from_config(config) if model_cls.startswith("Auto") else cls(config)
     model.eval()
+    source = {"kind": "hf-config", "class": model_cls, "config": config.to_dict()}
+    return LoadedModel(model, _hf_inputs(config, batch=batch, seq=seq), {}, source)
+
+
+def _hf_inputs(config: Any, *, batch: int, seq: int) -> tuple:
+    """Example inputs for a transformers model: random token ids, or images for a vision config."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):  # a vision model
         size = getattr(config, "image_size", 32) or 32
         size = size[0] if isinstance(size, (list, tuple)) else size
-        args = (torch.randn(batch, config.num_channels, size, size, generator=g),)
-    else:
-        vocab = getattr(config, "vocab_size", 100)
-        args = (torch.randint(0, vocab, (batch, seq), generator=g),)
-    source = {"kind": "hf-config", "class": model_cls, "config": config.to_dict()}
-    return LoadedModel(model, args, {}, source)
+        return (torch.randn(batch, config.num_channels, size, size, generator=g),)
+    vocab = getattr(config, "vocab_size", 100)
+    return (torch.randint(0, vocab, (batch, seq), generator=g),)
+
+
+def _pretrained_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
+    """An HF model directory, weights in their stored dtype (sharded checkpoints included)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"{str(path)!r} is a Hugging Face directory: pip install 'nmgraph[hf]' to read it") from e
+    model = hf.from_pretrained(path)
+    model.eval()
+    source = {"kind": "hf-dir", "path": os.fspath(path), "class": type(model).__name__}
+    return LoadedModel(model, _hf_inputs(model.config, batch=batch, seq=seq), {}, source)
 
 
 def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
     """A saved directory: rebuilt from its recorded source (a real module: fp16 and new shapes
     work), else from its torch.export program."""
-    from nmgraph import serialize
 
     saved = serialize.read_saved(path)
     source = saved.metadata.get("source") or {}
@@ -219,15 +244,14 @@ def _saved_model(path: Path, *, batch: int, seq: int) -> LoadedModel:
         if not saved.has_program:
             raise CLIError(
                 f"{str(path)!r} has no saved program and no recorded model source; load it in Python "
-                "with nmgraph.serialize.load(path, model)"
+                "with nmgraph.exporters.serialize.load(path, model)"
             )
         model = serialize.load(path)
     if inputs is None:
         raise CLIError(f"{str(path)!r} has no saved example inputs; re-save with example_inputs=")
     args, kwargs = inputs
-    from nmgraph.export import _set_eval
 
-    _set_eval(model)
+    set_eval(model)
     return LoadedModel(model, args, kwargs, source, saved)
 
 
@@ -266,14 +290,11 @@ def _emit_json(obj: Any) -> None:
 
 
 def _print(obj: Any) -> None:
-    from nmgraph.report import print_report
 
     print_report(obj)
 
 
 def _analyze(loaded: LoadedModel, pattern: str) -> tuple[Any, Any]:
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
 
     gm = capture(loaded.model, loaded.args, loaded.kwargs)
     return gm, analyze(gm, pattern)
@@ -283,7 +304,6 @@ def _analyze(loaded: LoadedModel, pattern: str) -> tuple[Any, Any]:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from nmgraph import report
 
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     steps = _Steps(["capture + analyze", "permute", "plot"] if a.plot else ["capture + analyze"],
@@ -314,10 +334,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> list[Any]:
     """Kept magnitude identity vs permuted, measured on a copy (the loaded model is unchanged)."""
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
-    from nmgraph.passes.permute_channels import permute
-    from nmgraph.report import layer_stats
 
     if a.search == "none":
         return layer_stats(loaded.model, plan)
@@ -325,21 +341,19 @@ def _permuted_stats(loaded: LoadedModel, plan: Any, a: argparse.Namespace) -> li
     twin_gm = capture(twin, loaded.args, loaded.kwargs)
     twin_plan = analyze(twin_gm, plan.pattern)
     permute(twin_gm, twin_plan, search=a.search, seed=a.seed, time_limit=a.time_limit,
-            example_inputs=loaded.args, example_kwargs=loaded.kwargs)
+            example_inputs=loaded.args, example_kwargs=loaded.kwargs, progress=not a.quiet)
     return layer_stats(loaded.model, plan, permuted=twin)
 
 
 def cmd_sparsify(a: argparse.Namespace) -> int:
     import torch
 
-    from nmgraph import report, serialize
-    from nmgraph.analysis import analyze
-    from nmgraph.capture import capture
-    from nmgraph.passes.permute_channels import permute
-    from nmgraph.training import convert
-
+    if a.model is not None and hf.is_hf_directory(a.model):
+        return _sparsify_pretrained(a)
+    if a.compressed or a.method != "magnitude" or a.calibration:
+        raise CLIError("--compressed, --method and --calibration apply to a Hugging Face model directory "
+                       "(MODEL with a config.json)")
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
-    search = "none" if a.checkpoint and a.search is None else (a.search or "greedy")
     steps = _Steps(["load checkpoint", "capture", "analyze", "permute", "convert", "save"], "sparsify",
                    a.quiet)
     with steps.step("load checkpoint"):
@@ -349,11 +363,19 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
         gm = capture(loaded.model, loaded.args, loaded.kwargs)
     with steps.step("analyze"):
         plan = analyze(gm, a.pattern)
+    search = a.search or "greedy"
+    if a.search is None and a.checkpoint:
+        params = dict(loaded.model.named_parameters())
+        trained = [i for i in plan.layers if i.name in params and is_nm(params[i.name], plan.pattern, axis=i.axis)]
+        if trained and len(trained) == len(plan.layers):  # trained N:M: a permutation would undo nothing useful
+            search = "none"
+            print(f"nmgraph: note: --checkpoint {a.checkpoint} holds {plan.pattern} weights already: no "
+                  "permutation search (pass --search to force one)", file=sys.stderr)
     perm_report = None
     with steps.step("permute"):
         if search != "none" and plan.groups:
             perm_report = permute(gm, plan, search=search, seed=a.seed, time_limit=a.time_limit,
-                                  example_inputs=loaded.args, example_kwargs=loaded.kwargs)
+                                  example_inputs=loaded.args, example_kwargs=loaded.kwargs, progress=not a.quiet)
     with steps.step("convert"), torch.no_grad():
         inference = convert(gm, plan.pattern, plan=plan)
     summary = report.convert_summary(inference, plan=plan)
@@ -378,10 +400,68 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsify_pretrained(a: argparse.Namespace) -> int:
+    """``nmgraph sparsify HF_DIR --out OUT``: nmgraph.sparsify on the model as stored, then an HF
+    directory that from_pretrained loads (dense-stored N:M weights, or --compressed)."""
+    src = Path(a.model)
+    if a.checkpoint:
+        raise CLIError("--checkpoint does not apply to a Hugging Face directory: its weights are the checkpoint")
+    out = Path(a.out)
+    if out.resolve() == src.resolve():
+        raise CLIError(f"--out {a.out!r} is the input directory; write the sparse model to another one")
+    # nmgraph.sparsify lives in nmgraph.oneshot (issue 15); read it off the loaded package so this
+    # command works (with a clear message) in a tree that does not have it yet
+    sparsify = getattr(sys.modules.get("nmgraph"), "sparsify", None)
+    if sparsify is None:
+        raise CLIError("this nmgraph has no nmgraph.sparsify (one-shot pruning); install a newer nmgraph")
+    steps = _Steps(["load", "sparsify", "save"], "sparsify", a.quiet)
+    with steps.step("load"):
+        loaded = _pretrained_model(src, batch=a.batch, seq=a.seq)
+        calibration = _calibration(src, a) if a.calibration else None
+    search = a.search or "greedy"
+    options = {"search": search, "seed": a.seed}
+    accepted = inspect.signature(sparsify).parameters
+    with steps.step("sparsify"):
+        result = sparsify(loaded.model, a.pattern, method=a.method, example_inputs=loaded.args,
+                          calibration=calibration, permute=search != "none", time_limit=a.time_limit,
+                          progress=not a.quiet, **{k: v for k, v in options.items() if k in accepted})
+    with steps.step("save"):
+        saved = hf.save_pretrained(loaded.model, out, pattern=a.pattern, compressed=a.compressed, report=result)
+        hf.copy_side_files(src, out)
+    steps.close()
+    if a.json:
+        _emit_json({"sparsify": result.to_dict() if hasattr(result, "to_dict") else report.to_dict(result),
+                    "saved": report.to_dict(saved)})
+        return 0
+    print(result)
+    print(f"wrote {out} ({saved.format}): {len(saved.weights)} N:M weights, {len(saved.dense)} dense; weights "
+          f"{saved.nbytes:,} bytes ({saved.ratio:.3f} of dense); load it with "
+          + ("nmgraph.from_pretrained(path)" if saved.format == "compressed" else
+             f"transformers.{type(loaded.model).__name__}.from_pretrained(path)"))
+    return 0
+
+
+def _calibration(src: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Calibration inputs from a text file, one sample per non-empty line, tokenized with the model
+    directory's own tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.fspath(src), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--calibration needs the tokenizer of {str(src)!r}, which cannot be loaded: {e}") from e
+    file = Path(a.calibration)
+    if not file.is_file():
+        raise CLIError(f"calibration file {a.calibration!r} does not exist")
+    lines = [x for x in file.read_text().splitlines() if x.strip()]
+    if not lines:
+        raise CLIError(f"calibration file {a.calibration!r} has no text")
+    return [dict(tok(x, return_tensors="pt", truncation=True, max_length=a.seq)) for x in lines]
+
+
 def _load_checkpoint(model: Any, path: str) -> None:
     import torch
 
-    from nmgraph import serialize
 
     file = Path(path)
     if file.is_dir():
@@ -416,7 +496,6 @@ def _load_checkpoint(model: Any, path: str) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from nmgraph.export import export
 
     loaded = load_model(a.model, a.hf_config, batch=a.batch, seq=a.seq, seed=a.seed)
     plan = loaded.saved.plan if loaded.saved is not None else None
@@ -467,8 +546,9 @@ def _benchmarks_dir() -> Path:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="factory 'pkg.module:function' / 'file.py:function' returning (model, "
-                        "example_inputs), or a directory saved by 'nmgraph sparsify'")
+                   help="a Hugging Face model directory (config.json + safetensors), a factory "
+                        "'pkg.module:function' / 'file.py:function' returning (model, example_inputs), or a "
+                        "directory saved by 'nmgraph sparsify'")
     p.add_argument("--hf-config", metavar="NAME|config.json",
                    help=f"transformers model with random weights: a preset ({', '.join(HF_PRESETS)}) or "
                         "a config.json path (offline)")
@@ -500,19 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("sparsify", help="permute + prune (or load a trained checkpoint), convert, save",
-                       description="Make a model N:M: permute channels, prune by magnitude (or load "
-                                   "trained weights from --checkpoint), convert, and save the compressed "
-                                   "model to a directory.")
+                       description="Make a model N:M: permute channels, prune (or load trained weights "
+                                   "from --checkpoint), convert, and save it. A Hugging Face directory "
+                                   "(config.json + safetensors, sharded or not) goes through "
+                                   "nmgraph.sparsify and comes out as a Hugging Face directory that "
+                                   "from_pretrained loads (dtype kept); other models as an nmgraph directory.")
     _add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     p.add_argument("--search", choices=SEARCHES, default=None,
-                   help="permutation search (default greedy; none with --checkpoint)")
+                   help="permutation search (default greedy; none for a --checkpoint whose weights are already N:M)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per permutation search")
     p.add_argument("--checkpoint", metavar="FILE|DIR",
                    help="trained weights: a state dict (.pt/.pth/.bin/.safetensors) or an nmgraph directory")
     p.add_argument("--no-program", action="store_true",
                    help="do not save a torch.export program (loading then needs the model source)")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="magnitude",
+                   help="one-shot pruning method for a Hugging Face directory (default magnitude; wanda and "
+                        "sparsegpt need --calibration)")
+    p.add_argument("--calibration", metavar="TEXT_FILE",
+                   help="calibration text, one sample per line, tokenized with the directory's tokenizer")
+    p.add_argument("--compressed", action="store_true",
+                   help="write nmgraph's compressed form (values + in-group indices) instead of dense-stored "
+                        "N:M weights; load it with nmgraph.from_pretrained")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_sparsify)
 

@@ -8,25 +8,103 @@ since they change the model's own parameters in place.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import fx
 
+from nmgraph.analysis import analyze
+from nmgraph.backends import backend_names
+from nmgraph.backends.dispatch import Dispatcher
 from nmgraph.capture import capture
-from nmgraph.errors import UnsupportedError
+from nmgraph.errors import BackendUnavailableError, UnsupportedError
+from nmgraph.exporters.tensorrt import compile_torch_tensorrt, require_tensorrt
+from nmgraph.graph import fetch_attr
+from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
+from nmgraph.passes.permute_channels import permute
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
+from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike
-from nmgraph.plan import Skip
+from nmgraph.rollback import Rollback
+from nmgraph.search import SEARCHES
+from nmgraph.training import prepare, without_dropout
+from nmgraph.validate import check_plan_finite, check_seed, check_time_limit
 
-__all__ = ["CompiledModule", "compile", "nmgraph_backend"]
+__all__ = ["CompileOptions", "CompiledModule", "compile", "nmgraph_backend"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cusparselt", "eager", "dense", "tensorrt")
 MODES = ("inference", "train")
+
+
+def compile_backends() -> tuple[str, ...]:
+    """``backend`` values of :func:`compile`: ``"auto"``, every registered backend, ``"eager"`` and ``"tensorrt"``."""
+    return ("auto", *backend_names(), "eager", "tensorrt")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The options of :func:`compile` (and of ``torch.compile(..., backend="nmgraph", options=...)``).
+
+    ``permute``: reorder channels before pruning; ``search``, ``seed``, ``time_limit``, ``progress``:
+    the permutation search; ``include`` / ``exclude``: name patterns for the plan; ``strict``: raise
+    instead of leaving a layer dense; ``method``: the training method of ``mode="train"``;
+    ``dispatcher`` or ``cache_path``: the per-layer backend measurements (a persistent JSON cache);
+    ``inductor``: compile the lowered graph with inductor (positional inputs only);
+    ``inductor_mode``: inductor's mode for it, as ``torch.compile(mode=...)``: ``"reduce-overhead"``
+    captures CUDA graphs (inductor's cudagraph trees; docs/deploy.md), ``"max-autotune"``, ...;
+    ``tensorrt_options``: keyword arguments of Torch-TensorRT.
+    """
+
+    permute: bool = True
+    search: str = "greedy"
+    seed: int = 0
+    time_limit: float | None = None
+    progress: bool = False
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    strict: bool = False
+    method: Any = "sr-ste"
+    dispatcher: Dispatcher | None = None
+    cache_path: Any = None
+    inductor: bool = False
+    inductor_mode: str = "default"
+    tensorrt_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise UnsupportedError(f"nmgraph.compile(search={self.search!r}) is not one of {', '.join(SEARCHES)}.")
+        check_seed(self.seed, "nmgraph.compile")
+        check_time_limit(self.time_limit, "nmgraph.compile")
+        if self.inductor_mode != "default":
+            modes = inductor_modes()
+            if self.inductor_mode not in modes:
+                raise UnsupportedError(
+                    f"nmgraph.compile(inductor_mode={self.inductor_mode!r}) is not one of {', '.join(modes)} "
+                    "(torch.compile's modes)."
+                )
+        if self.dispatcher is not None and not isinstance(self.dispatcher, Dispatcher):
+            raise UnsupportedError(
+                f"nmgraph.compile(dispatcher=...) must be an nmgraph.backends.dispatch.Dispatcher, got "
+                f"{type(self.dispatcher).__name__}."
+            )
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], where: str = "nmgraph.compile",
+                  also: Sequence[str] = ()) -> CompileOptions:
+        """Builds the options; an unknown name is an error that lists the valid ones (and ``also``)."""
+        valid = [*also, *(f.name for f in fields(cls))]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise UnsupportedError(
+                f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid)}."
+            )
+        return cls(**options)
 
 
 @dataclass
@@ -54,6 +132,21 @@ class CompileReport:
         return "\n".join(parts)
 
 
+def inductor_modes() -> tuple[str, ...]:
+    """The modes inductor knows (``torch.compile(mode=...)``)."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str = "default") -> Any:
+    """``gm`` compiled by inductor in ``mode`` (``"reduce-overhead"``: CUDA graphs, via cudagraph trees)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches=dict(list_mode_options(mode)))
+
+
 def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
     def sig(x):
         return (tuple(x.shape), str(x.dtype), str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
@@ -64,7 +157,8 @@ def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
 class CompiledModule(torch.nn.Module):
     """The result of :func:`nmgraph.compile`: call it like the original model."""
 
-    def __init__(self, model: torch.nn.Module, pattern: Pattern, backend: str, mode: str, options: dict) -> None:
+    def __init__(self, model: torch.nn.Module, pattern: Pattern, backend: str, mode: str,
+                 options: CompileOptions) -> None:
         super().__init__()
         self.model = model
         self.pattern = pattern
@@ -84,70 +178,81 @@ class CompiledModule(torch.nn.Module):
             self._graphs[sig] = gm
         return gm(*args, **kwargs)
 
-    def _build(self, args, kwargs, sig, *, lowered_only: bool = False) -> Any:
+    def _build(self, args, kwargs, sig, *, lowered_only: bool = False, dynamic_shapes: Any = None) -> Any:
         """Runs the pipeline for one input signature; returns what calls with it run (or, with
-        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that)."""
-        from nmgraph.analysis import analyze
-        from nmgraph.passes.permute_channels import permute
-
+        ``lowered_only``, always the lowered graph: the torch.compile backend compiles that).
+        ``dynamic_shapes``: captured so (Dynamo's dynamic shapes): the graph is called with other sizes."""
+        dynamic_rows = dynamic_shapes is not None
         opts = self.options
         if self.mode == "train":
-            from nmgraph.training import prepare
-
-            return prepare(self.model, args, self.pattern, method=opts.get("method", "sr-ste"),
-                           permute=opts.get("permute", True), kwargs=kwargs)
-        from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
-        from nmgraph.training import convert
-
+            return prepare(self.model, args, self.pattern, method=opts.method, permute=opts.permute, kwargs=kwargs,
+                           search=opts.search, seed=opts.seed, time_limit=opts.time_limit, progress=opts.progress)
         if self.backend == "tensorrt":  # fails fast, with what to install, before touching the weights
-            from nmgraph.tensorrt import require_tensorrt
-
             require_tensorrt("torch_tensorrt")
-        gm = capture(self.model, args, kwargs)
-        plan = analyze(gm, self.pattern, include=opts.get("include", ()), exclude=opts.get("exclude", ()))
+        # one graph per input signature, lowered for it (dynamic only where Dynamo's shapes say so)
+        gm = capture(self.model, args, kwargs, dynamic=False, dynamic_shapes=dynamic_shapes)
+        plan = analyze(gm, self.pattern, include=opts.include, exclude=opts.exclude)
+        if self._dispatcher is None and self.backend != "tensorrt":
+            self._dispatcher = opts.dispatcher or Dispatcher(cache_path=opts.cache_path)
+        self._check_backend(gm, plan)
+        check_plan_finite(gm, plan)
+        # permute, prune and lower change the model's own tensors: all of it, or none of it
+        with Rollback() as undo:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+            permuted = None
+            if not self._sparsified and opts.permute:
+                with without_dropout(gm):  # verified with dropout off
+                    permuted = permute(gm, plan, search=opts.search, seed=opts.seed,
+                                       time_limit=opts.time_limit, progress=opts.progress)
+            run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+            try:
+                runner = self._lower(gm, plan, args, kwargs, sig, lowered_only, dynamic_rows)
+            except BaseException:
+                self.report.lowerings.pop(sig, None)
+                self.report.runs.pop(sig, None)
+                raise
         if not self._sparsified:
-            if opts.get("permute", True):
-                self.report.permute = permute(gm, plan, search=opts.get("search", "greedy"),
-                                              seed=opts.get("seed", 0), time_limit=opts.get("time_limit"),
-                                              progress=opts.get("progress", False))
+            self.report.permute = permuted
             self.report.plan = plan
-        gm = convert(gm, self.pattern, plan=plan)
         self._sparsified = True
+        return runner
+
+    def _check_backend(self, gm: fx.GraphModule, plan: Any) -> None:
+        """Refuses, before any weight changes, a backend that cannot run on the weights' device (other
+        failures, ``strict=True`` included, are undone by the rollback)."""
+        if self.backend in ("auto", "eager", "tensorrt"):
+            return
+        devices = {fetch_attr(gm, info.name).device for info in plan.layers} or {torch.device("cpu")}
+        backend = self._dispatcher.registry.get(self.backend)
+        for device in devices:
+            reason = backend.device_reason(device) if backend.sparse else None
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"nmgraph.compile(backend={self.backend!r}) cannot run on {device}: {reason}. Nothing "
+                    "was changed. Use backend='auto' (measures and falls back to dense) or 'eager'."
+                )
+
+    def _lower(self, gm: fx.GraphModule, plan: Any, args, kwargs, sig, lowered_only: bool,
+               dynamic_rows: bool = False) -> Any:
+        opts = self.options
         if self.backend == "tensorrt":  # TensorRT picks sparse tactics itself from the N:M weights
-            from nmgraph.tensorrt import compile_torch_tensorrt
-
-            return compile_torch_tensorrt(gm, list(args), **opts.get("tensorrt_options", {}))
-        weights = {i.name: i.axis for i in plan.layers
-                   if i.op in ("linear", "addmm") or (i.op in ("matmul", "mm") and i.axis == 1)}  # x @ W.T
-        backend = "eager" if self.backend == "eager" else self.backend
-        if self._dispatcher is None:
-            from nmgraph.backends.dispatch import Dispatcher
-
-            self._dispatcher = opts.get("dispatcher") or Dispatcher(cache_path=opts.get("cache_path"))
-        result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=backend,
-                                                      dispatcher=self._dispatcher,
-                                                      strict=opts.get("strict", False)))
-        for info in plan.layers:  # pruned, but no sparse kernel reads this op: say so
-            if info.name not in weights:
-                why = (f"{info.op} ({info.node}): nmgraph has no sparse kernel for this op; it runs its folded "
-                       f"{self.pattern} weight densely")
-                if opts.get("strict", False):
-                    from nmgraph.errors import StrictModeError
-
-                    raise StrictModeError(f"{info.name}: {why}. Pass strict=False to accept dense execution.")
-                result.skipped.append(Skip(info.name, why))
+            return compile_torch_tensorrt(gm, list(args), **dict(opts.tensorrt_options))
+        # every eligible weight: lower_linears lowers what a sparse kernel can read and reports the rest
+        weights = {i.name: i.axis for i in plan.layers}
+        result = lower_linears(gm, LowerLinearsConfig(weights=weights, pattern=self.pattern, backend=self.backend,
+                                                      dispatcher=self._dispatcher, strict=opts.strict,
+                                                      dynamic_rows=dynamic_rows))
         self.report.lowerings[sig] = result
         log.info("nmgraph.compile: %d GEMMs lowered for %s", len(result.changed_nodes), sig)
         if lowered_only:
             return result.gm
-        if opts.get("inductor", False):
+        if opts.inductor:
             if kwargs:
                 raise UnsupportedError("nmgraph.compile(inductor=True) takes positional inputs only; call the "
                                        "compiled module without keyword arguments or leave inductor off.")
-            from torch._inductor.compile_fx import compile_fx
-
             self.report.runs[sig] = "inductor"
-            return compile_fx(result.gm, list(args))
+            return compile_with_inductor(result.gm, args, opts.inductor_mode)
         if not result.changed_nodes:
             # Nothing runs a sparse kernel (always so on a CPU): the model's own parameters already hold
             # the permuted, pruned weights (capture shares them), so its eager forward computes what
@@ -167,24 +272,24 @@ def compile(
 ) -> CompiledModule:
     """Makes ``model`` N:M sparse and fast; lazy like ``torch.compile`` (captures on first call).
 
-    ``backend``: ``"auto"`` (per layer the fastest of dense, Triton and cuSPARSELt, measured on the
+    ``backend``: ``"auto"`` (per layer the fastest of the registered backends, measured on the
     device; dense on CPU), ``"triton"``, ``"cusparselt"``, ``"eager"`` (folded dense weights),
     ``"tensorrt"`` (Torch-TensorRT with ``sparse_weights=True``; needs ``nmgraph[tensorrt]`` and an
     NVIDIA GPU, else :class:`BackendUnavailableError` says what to install).
     ``mode="train"`` returns the prepared trainable graph on first call (``method=`` option).
-    Options: ``permute`` (default True), ``search``, ``seed``, ``time_limit``, ``progress``, ``include``,
-    ``exclude``, ``strict``, ``method``, ``dispatcher`` or ``cache_path`` (persistent JSON cache of
-    the per-layer backend measurements), ``inductor`` (compile the lowered graph with inductor,
-    which removes the per-node Python overhead of the captured graph; positional inputs only). ``result.report`` tells what was done after the first call.
+    ``options`` are the fields of :class:`CompileOptions` (an unknown name is an error listing the
+    valid ones); ``inductor=True`` compiles the lowered graph with inductor, which removes the
+    per-node Python overhead of the captured graph. ``result.report`` tells what was done after the
+    first call.
     """
     p = Pattern.parse(pattern)
-    if backend not in BACKENDS:
-        raise UnsupportedError(f"nmgraph.compile(backend={backend!r}) is not one of {BACKENDS}.")
+    if backend not in compile_backends():
+        raise UnsupportedError(f"nmgraph.compile(backend={backend!r}) is not one of {', '.join(compile_backends())}.")
     if mode not in MODES:
         raise UnsupportedError(f"nmgraph.compile(mode={mode!r}) is not one of {MODES}.")
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedError(f"nmgraph.compile needs a torch.nn.Module, got {type(model).__name__}.")
-    return CompiledModule(model, p, backend, mode, dict(options))
+    return CompiledModule(model, p, backend, mode, CompileOptions.from_dict(options))
 
 
 def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
@@ -206,6 +311,45 @@ def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
     return gm, real
 
 
+def _sizes_from_tensors(gm: fx.GraphModule, real: list[int], example_inputs: Sequence[Any]
+                        ) -> tuple[fx.GraphModule, list[int], Any]:
+    """With dynamic shapes Dynamo passes sizes (``SymInt``) beside the tensors. Each size input is
+    replaced by ``aten.sym_size`` of the tensor dim it names, and the dims Dynamo made dynamic are
+    given to ``torch.export`` as ``Dim.AUTO``, so the graph is captured with symbolic sizes. Returns the
+    graph, the indices of the inputs it still takes, and the ``dynamic_shapes`` (``None``: static)."""
+    sizes = [i for i in real if isinstance(example_inputs[i], torch.SymInt)]
+    if not sizes:
+        return gm, real, None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_position = dict(zip(real, placeholders))
+    tensors = [i for i in real if isinstance(example_inputs[i], torch.Tensor)]
+    where: dict[str, tuple[fx.Node, int]] = {}
+    for i in tensors:
+        val = by_position[i].meta.get("example_value")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                where.setdefault(str(size), (by_position[i], d))
+    if any(str(by_position[i].meta.get("example_value")) not in where for i in sizes):
+        return gm, real, None  # a size no tensor input carries: the caller runs the graph unlowered
+    for i in sizes:
+        node = by_position[i]
+        found = where[str(node.meta.get("example_value"))]
+        if node.users:
+            with gm.graph.inserting_after(found[0]):
+                size = gm.graph.call_function(torch.ops.aten.sym_size.int, found)
+            node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    dynamic = {str(by_position[i].target): {d: torch.export.Dim.AUTO for d, s in
+                                            enumerate(by_position[i].meta["example_value"].shape)
+                                            if isinstance(s, torch.SymInt)} for i in tensors}
+    specs = tuple(dynamic[str(by_position[i].target)] or None for i in tensors)
+    params = list(inspect.signature(gm.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args): one spec for args
+        return gm, tensors, (specs,)
+    return gm, tensors, specs
+
+
 def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend="nmgraph", options={"pattern": "2:4", ...})``.
 
@@ -214,21 +358,48 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     them from each call. The sparsified, lowered graph then goes to inductor (the nmgraph ops have
     fake implementations, so inductor compiles the rest of the graph around them); pass
     ``options={"inductor": False}`` to run it as an FX graph instead.
+
+    ``torch.compile(model, backend="nmgraph", mode="reduce-overhead")`` (or, since torch.compile takes
+    ``mode`` or ``options`` but not both, ``options={..., "inductor_mode": "reduce-overhead"}``)
+    compiles it with inductor's CUDA graphs (docs/deploy.md). When Dynamo hands over a graph with
+    dynamic shapes (sizes among the inputs), it is captured with those sizes symbolic, every lowered
+    op also gets its layer's dense weight, which it runs for rows outside its kernels' range (prefill
+    sizes through a decode kernel), and the graph runs as an FX graph (inductor would specialise it
+    to one shape); ``dynamic=False`` keeps one inductor graph per shape instead.
     """
     options = dict(kwargs.get("options") or {})
     pattern = options.pop("pattern", "2:4")
     backend = options.pop("backend", "auto")
     use_inductor = options.pop("inductor", True)
+    if kwargs.get("mode") is not None:
+        options.setdefault("inductor_mode", kwargs["mode"])
+    CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
+                             also=("pattern", "backend"))
     bound, real_idx = _bind_parameters(gm, example_inputs)
+    bound, real_idx, dynamic_shapes = _sizes_from_tensors(bound, real_idx, example_inputs)
+    n_all = len(example_inputs)
+    if any(isinstance(example_inputs[i], torch.SymInt) for i in real_idx):
+        # sizes no input tensor carries: this graph cannot be captured with them symbolic
+        log.warning("nmgraph backend: Dynamo passed sizes that no input tensor carries; this graph runs as "
+                    "Dynamo traced it, with the model's current weights and no sparse kernel. Use "
+                    "torch.compile(..., dynamic=False) (one graph per shape) or nmgraph.compile.")
+
+        def run_unlowered(*args: Any) -> Any:
+            return bound(*(tuple(args[i] for i in real_idx) if len(args) == n_all else args))
+
+        return run_unlowered
     compiled = compile(bound, pattern, backend, **options)
     real_examples = [example_inputs[i] for i in real_idx]
-    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True)
+    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
+                              dynamic_shapes=dynamic_shapes)
     runner: Any = lowered
-    if use_inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        runner = compile_fx(lowered, real_examples)
-    n_all = len(example_inputs)
+    if use_inductor and dynamic_shapes is not None:
+        # compile_fx specialises the graph to the example shapes, and Dynamo calls this graph with any
+        # size: the lowered graph runs as an FX graph, right at every shape (CUDA graphs are per shape
+        # anyway: torch.compile(..., dynamic=False) keeps one inductor graph per shape).
+        log.info("nmgraph backend: dynamic shapes; the lowered graph runs without inductor")
+    elif use_inductor:
+        runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
 
     def run(*args: Any) -> Any:
         if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now

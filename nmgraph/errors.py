@@ -7,8 +7,10 @@ layer, the rule that was violated and the fix to try.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "CaptureError",
+    "CaptureWarning",
     "NMGraphError",
     "PatternError",
     "PlanError",
@@ -22,6 +24,13 @@ __all__ = [
 
 class NMGraphError(Exception):
     """Base class of every error raised by nmgraph."""
+
+
+class ArgumentError(NMGraphError, ValueError, TypeError):
+    """An argument of a public call has the wrong type or value; the message names it and the fix.
+
+    It is both a ``ValueError`` and a ``TypeError``, so code written for either keeps catching it.
+    """
 
 
 class PatternError(NMGraphError, ValueError):
@@ -58,3 +67,8 @@ class BackendUnavailableError(NMGraphError, RuntimeError):
 
 class SerializationError(NMGraphError, RuntimeError):
     """A saved nmgraph artifact is missing, corrupt or does not match the model."""
+
+
+class CaptureWarning(UserWarning):
+    """Capture succeeded with less than asked: a static axis torch.export refused to make dynamic, or a
+    ``torch.fx.symbolic_trace`` graph after ``torch.export`` failed (the message carries why)."""

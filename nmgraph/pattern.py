@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nmgraph.errors import PatternError, ShapeError
+from nmgraph.errors import ArgumentError, PatternError, ShapeError
 
-__all__ = ["MAX_M", "Pattern", "PatternLike", "group_view", "is_nm", "nm_mask", "ungroup_view"]
+__all__ = ["MAX_M", "Pattern", "PatternLike", "group_view", "is_nm", "kept_magnitude", "nm_mask", "ungroup_view"]
 
 MAX_M = 128
 
@@ -65,7 +65,7 @@ class Pattern:
             return value
         if isinstance(value, str):
             parts = value.strip().split(":")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
                 raise PatternError(
                     f"Cannot parse pattern {value!r}: expected 'N:M' with two positive integers, "
                     "e.g. '2:4'."
@@ -138,23 +138,31 @@ def nm_mask(
 ) -> torch.Tensor:
     """Boolean mask keeping exactly ``n`` of every ``m`` consecutive entries along ``axis``.
 
-    ``score`` (same shape as ``weight``, default ``|weight|``) decides which entries are kept: the
-    ``n`` largest per group; ties keep the higher index.
+    ``score`` (same shape as ``weight``, default ``|weight|``, computed in float64 for integer
+    weights so that ``-128`` in int8 is the largest magnitude) decides which entries are kept: the
+    ``n`` largest per group; ties keep the higher index. Meta, bool and complex tensors raise
+    :class:`~nmgraph.errors.ArgumentError`.
 
     >>> w = torch.tensor([[1.0, -4.0, 3.0, 2.0]])
     >>> nm_mask(w, "2:4")
     tensor([[False,  True,  True, False]])
     """
     p = Pattern.parse(pattern)
+    _check_values(weight, "weight")
     if score is None:
-        score = weight.detach().abs()
+        score = _magnitude(weight)
+    elif not isinstance(score, torch.Tensor):
+        raise ArgumentError(f"nm_mask(score=...) must be a tensor of the weight's shape, got {type(score).__name__}.")
     elif score.shape != weight.shape:
         raise ShapeError(
             f"score has shape {tuple(score.shape)} but the weight has shape {tuple(weight.shape)}; "
             "pass a score tensor of the weight's shape."
         )
+    _check_values(score, "score")
     score = score.detach()
-    if score.dtype != torch.float64:
+    if not score.is_floating_point():
+        score = score.to(torch.float64)  # integer scores: exact up to 2**53, no overflow
+    elif score.dtype != torch.float64:
         score = score.float()
     groups = group_view(score, p.m, axis)
     if torch.isnan(groups).any():
@@ -168,6 +176,31 @@ def nm_mask(
     return ungroup_view(keep, weight.shape, axis).contiguous()
 
 
+def _check_values(t: object, what: str) -> None:
+    """A tensor with values to rank: not on the meta device, not bool."""
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentError(f"nm_mask({what}=...) must be a torch.Tensor, got {type(t).__name__}.")
+    if t.device.type == "meta":
+        raise ArgumentError(
+            f"nm_mask({what}=...) is on the meta device: it has a shape but no values, and an N:M mask "
+            "depends on the values. Materialize the weights first (e.g. model.to_empty(device='cpu') and "
+            "load the checkpoint)."
+        )
+    if t.dtype == torch.bool:
+        raise ArgumentError(
+            f"nm_mask({what}=...) is a bool tensor: an N:M mask keeps the largest magnitudes, and bools "
+            "have none to rank. Pass the weight (floating point or integer), or a score tensor."
+        )
+    if t.is_complex():
+        raise ArgumentError(f"nm_mask({what}=...) is complex ({t.dtype}); pass a real score, e.g. score=w.abs().")
+
+
+def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """``|w|``, widened first for integer dtypes (``abs(-128)`` overflows in int8)."""
+    w = weight.detach()
+    return w.abs() if w.is_floating_point() else w.to(torch.float64).abs()
+
+
 def is_nm(weight: torch.Tensor, pattern: PatternLike, *, axis: int = 1) -> bool:
     """True if every group of ``m`` along ``axis`` has at most ``n`` nonzeros.
 
@@ -177,3 +210,14 @@ def is_nm(weight: torch.Tensor, pattern: PatternLike, *, axis: int = 1) -> bool:
     p = Pattern.parse(pattern)
     groups = group_view(weight.detach(), p.m, axis)
     return bool(((groups != 0).sum(-1) <= p.n).all())
+
+
+def kept_magnitude(weight: torch.Tensor, pattern: PatternLike, axis: int = 1) -> float:
+    """Fraction of ``sum |w|`` that N:M magnitude pruning along ``axis`` keeps (1.0 for an all-zero weight).
+
+    >>> kept_magnitude(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), "2:4")
+    0.7
+    """
+    w = weight.detach().float().abs()
+    total = float(w.sum())
+    return float((w * nm_mask(w, pattern, axis=axis)).sum()) / total if total else 1.0

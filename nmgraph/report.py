@@ -1,9 +1,9 @@
 """Readable tables, JSON and plots of what nmgraph decided and did.
 
 Every result renders the same two ways: :func:`render` (a ``rich`` table, as text or to a console)
-and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.plan.SparsityPlan` (analyze),
+and :func:`to_dict` / :func:`to_json`. Supported: :class:`~nmgraph.analysis.plan.SparsityPlan` (analyze),
 the permute report, a converted graph (:func:`convert_summary`), the export report, the ONNX
-eligibility report and a saved directory (:class:`~nmgraph.serialize.SavedModel`).
+eligibility report and a saved directory (:class:`~nmgraph.exporters.serialize.SavedModel`).
 
 :func:`layer_stats` measures, per weight, the magnitude N:M pruning keeps in the original channel
 order and after permutation, and the sparsity; :func:`plot_layers` draws them with matplotlib (Agg
@@ -24,8 +24,13 @@ from typing import Any
 
 import torch
 
-from nmgraph.pattern import Pattern, PatternLike, is_nm, nm_mask
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.errors import PlanError, UnsupportedError
+from nmgraph.exporters.onnx_check import OnnxSparsityReport, diagnose_nm
+from nmgraph.exporters.onnx_export import ExportReport
+from nmgraph.exporters.serialize import SavedModel
+from nmgraph.graph import graph_record
+from nmgraph.pattern import Pattern, PatternLike, is_nm, kept_magnitude, nm_mask
 
 __all__ = [
     "ConvertSummary",
@@ -110,10 +115,10 @@ def layer_stats(
         pruned_zero = float(((w.detach() * mask) == 0).float().mean())
         identity = (kept_before or {}).get(info.name)
         if identity is None:
-            identity = _kept(w, p, info.axis)
+            identity = kept_magnitude(w, p, info.axis)
         after = None
         if info.name in perm_params:
-            after = _kept(perm_params[info.name], p, info.axis)
+            after = kept_magnitude(perm_params[info.name], p, info.axis)
         out.append(LayerStat(info.name, tuple(info.shape), True, pruned_zero, identity, after))
     for skip in plan.skipped:
         w = params.get(skip.name)
@@ -127,30 +132,24 @@ def convert_summary(gm: torch.nn.Module, pattern: PatternLike | None = None,
                     plan: SparsityPlan | None = None) -> ConvertSummary:
     """Measures a converted graph: every weight ``convert`` folded or pruned, and the ones it skipped.
 
-    Reads ``gm.meta["nmgraph_convert"]`` (written by :func:`nmgraph.convert`); with ``plan`` instead,
+    Reads ``nmgraph.graph_record(gm).converted`` (written by :func:`nmgraph.convert`); with ``plan`` instead,
     checks the plan's layers. A weight that is not N:M gets the reason in ``LayerStat.reason``.
     """
-    meta = getattr(gm, "meta", {}).get("nmgraph_convert") if hasattr(gm, "meta") else None
+    rec = graph_record(gm)
+    converted = rec.converted if rec is not None else None
     params = _tensors(gm)
-    from nmgraph.onnx_check import diagnose_nm
-
     if plan is not None:
         p = plan.pattern
         layers = [(i.name, i.axis) for i in plan.layers]
         skipped = tuple(plan.skipped)
-    elif meta is not None:
-        p = Pattern.parse(pattern or _meta_pattern(gm) or "2:4")
-        from nmgraph.export import sparse_weight_axes
-
-        axes, _ = sparse_weight_axes(gm, p)
-        layers = [(n, axes.get(n, 1)) for n in meta.get("folded", ())]
-        skipped = tuple(meta.get("skipped", ()))
+    elif converted is not None:
+        p = Pattern.parse(pattern or converted.pattern or "2:4")
+        layers = [(n, converted.axes.get(n, 1)) for n in converted.folded]
+        skipped = tuple(converted.skipped)
     else:
-        from nmgraph.errors import PlanError
-
         raise PlanError(
             "convert_summary() needs a graph returned by nmgraph.convert (it records what it did in "
-            "gm.meta['nmgraph_convert']) or plan=."
+            "nmgraph.graph_record(gm).converted) or plan=."
         )
     stats = []
     for name, axis in layers:
@@ -166,25 +165,12 @@ def convert_summary(gm: torch.nn.Module, pattern: PatternLike | None = None,
     return ConvertSummary(p, tuple(stats), skipped)
 
 
-def _meta_pattern(gm: torch.nn.Module) -> str | None:
-    prep = getattr(gm, "meta", {}).get("nmgraph_prepare")
-    config = prep.get("config") if isinstance(prep, Mapping) else None
-    pat = getattr(config, "pattern", None)
-    return str(pat) if pat is not None else None
-
-
 def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     if model is None:
         return {}
     out = dict(model.named_buffers(remove_duplicate=False))
     out.update(model.named_parameters(remove_duplicate=False))
     return out
-
-
-def _kept(w: torch.Tensor, p: Pattern, axis: int) -> float:
-    a = w.detach().float().abs()
-    total = float(a.sum())
-    return float((a * nm_mask(a, p, axis=axis)).sum()) / total if total else 1.0
 
 
 # --- JSON ----------------------------------------------------------------------------------------
@@ -241,9 +227,6 @@ def _shape(shape: Iterable[int]) -> str:
 
 
 def _spec(obj: Any) -> _Spec:
-    from nmgraph.export import ExportReport
-    from nmgraph.onnx_check import OnnxSparsityReport
-    from nmgraph.serialize import SavedModel
 
     if isinstance(obj, torch.nn.Module):
         obj = convert_summary(obj)
@@ -251,12 +234,16 @@ def _spec(obj: Any) -> _Spec:
         rows = [[i.name, _shape(i.shape), str(i.axis), "-" if i.group is None else str(i.group),
                  "eligible"] for i in obj.layers]
         rows += [[s.name, "", "", "", f"dense: {s.reason}"] for s in obj.skipped]
-        footer = [f"{len(obj.groups)} permutation groups; {obj.permutable_fraction:.0%} of eligible "
-                  "weights permutable"]
-        footer += [f"group {g.id}: {g.kind}, {g.size} channels, block {g.block}, consumers "
-                   f"{', '.join(g.consumers) or '-'}" for g in obj.groups]
-        footer += [f"not permutable: {b.name}: {b.reason}" for b in obj.barriers]
-        return _Spec(f"SparsityPlan {obj.pattern}: {len(obj.layers)} eligible, {len(obj.skipped)} dense",
+        grouped = sum(i.group is not None for i in obj.layers)
+        params = sum(math.prod(i.shape) for i in obj.layers)
+        footer = [f"{grouped} of {len(obj.layers)} eligible weights can have their reduction channels reordered "
+                  f"(in {sum(bool(g.consumers) for g in obj.groups)} of {len(obj.groups)} permutation groups); "
+                  f"{len(obj.barriers)} sets of channels must stay in place (below)"]
+        footer += [f"group {g.id}: {g.kind}, {g.size} channels, block {g.block}, read by "
+                   f"{', '.join(g.consumers) or 'no eligible weight'}" for g in obj.groups]
+        footer += [f"stays in place: {b.name}: {b.reason}" for b in obj.barriers]
+        return _Spec(f"SparsityPlan {obj.pattern}: {len(obj.layers)} weights can be {obj.pattern} "
+                     f"({params:,} parameters), {len(obj.skipped)} stay dense",
                      ["weight", "shape", "axis", "group", "status"], rows, footer)
     if isinstance(obj, ConvertSummary):
         rows = [[s.name, _shape(s.shape), _pct(s.sparsity), "yes" if not s.reason else f"NO: {s.reason}"]
@@ -274,6 +261,11 @@ def _spec(obj: Any) -> _Spec:
         spec.footer.insert(0, "onnxruntime vs torch: " + (
             "not verified" if diff is None else
             f"max |diff| {diff:.3g} (rtol {obj.tolerance[0]:g}, atol {obj.tolerance[1]:g})"))
+        if obj.input_names or obj.output_names:
+            dims = lambda n: "[" + ", ".join(obj.dynamic_axes.get(n, {}).values()) + "]" if n in obj.dynamic_axes else ""  # noqa: E731
+            spec.footer.append("inputs " + ", ".join(f"{n}{dims(n)}" for n in obj.input_names) + "; outputs "
+                               + ", ".join(f"{n}{dims(n)}" for n in obj.output_names))
+        spec.footer += [f"note: {n}" for n in obj.notes]
         if obj.exporter_fallback:
             spec.footer.append(f"dynamo exporter failed, used TorchScript: {obj.exporter_fallback}")
         if obj.engine_path:
@@ -308,8 +300,6 @@ def _spec(obj: Any) -> _Spec:
                  "eligible" if s.eligible else f"dense: {s.reason}"] for s in obj]
         return _Spec("per-layer kept magnitude and sparsity",
                      ["weight", "shape", "kept identity", "kept permuted", "sparsity", "status"], rows, [])
-    from nmgraph.errors import UnsupportedError
-
     raise UnsupportedError(f"No table for {type(obj).__name__}; use to_json() for generic objects.")
 
 
@@ -369,48 +359,53 @@ def plot_layers(
     pattern: PatternLike | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draws per-layer kept magnitude (identity vs permuted) and sparsity to a PNG at ``path``.
+    """Draws every weight of the model, in model order, to a PNG at ``path`` (1200 x 600 px for any
+    number of layers: 20 or 250).
 
-    Top: the fraction of ``sum |w|`` N:M pruning keeps per eligible weight, in the original channel
-    order and after permutation. Bottom: each weight's sparsity (eligible and dense ones), with the
-    pattern's target ``1 - n/m`` as a line.
+    Top: the share of ``sum |w|`` that N:M pruning keeps per eligible weight, in the original channel
+    order and after permutation. Bottom: the gain of the permutation in points per weight. Weights
+    left dense are grey bands in both panels (and named in the legend's count). Tick labels are
+    thinned to at most 40.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not stats:
-        from nmgraph.errors import PlanError
-
         raise PlanError("plot_layers() got no layers: the plan has no eligible or skipped weights.")
-    eligible = [s for s in stats if s.eligible]
-    names = [_short(s.name) for s in stats]
-    width = max(6.0, 0.35 * len(stats) + 2)
-    fig = Figure(figsize=(width, 7.5), constrained_layout=True)
+    n = len(stats)
+    fig = Figure(figsize=(12, 6), dpi=100, constrained_layout=True)
     FigureCanvasAgg(fig)  # render with Agg, without pyplot or a display
-    top, bottom = fig.subplots(2, 1)
-    x = list(range(len(eligible)))
-    ident = [100 * (s.kept_identity or 0.0) for s in eligible]
-    perm = [100 * s.kept_permuted if s.kept_permuted is not None else float("nan") for s in eligible]
-    top.bar([i - 0.2 for i in x], ident, width=0.4, label="identity order")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    x = list(range(n))
+    nan = float("nan")
+    ident = [100 * s.kept_identity if s.eligible and s.kept_identity is not None else nan for s in stats]
+    perm = [100 * s.kept_permuted if s.eligible and s.kept_permuted is not None else nan for s in stats]
+    gain = [p - i if not (math.isnan(p) or math.isnan(i)) else nan for i, p in zip(ident, perm)]
+    marker = "o" if n <= 60 else None
+    dense = [i for i, s in enumerate(stats) if not s.eligible]
+    for ax in (top, bottom):
+        for i in dense:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.85", linewidth=0)
+    top.plot(x, ident, marker=marker, markersize=3, linewidth=1, label="original channel order")
     if any(not math.isnan(v) for v in perm):
-        top.bar([i + 0.2 for i in x], perm, width=0.4, label="permuted")
-    top.set_xticks(x, [_short(s.name) for s in eligible], rotation=90, fontsize=7)
+        top.plot(x, perm, marker=marker, markersize=3, linewidth=1, label="permuted")
+    values = [v for v in ident + perm if not math.isnan(v)]
+    lo = min(values) if values else 50.0
+    top.set_ylim(max(0.0, lo - 2), 100)
     top.set_ylabel("kept |w| (%)")
-    lo = min([v for v in ident + perm if not math.isnan(v)] or [0.0])
-    top.set_ylim(max(0.0, lo - 5), 100)
-    top.legend(loc="upper right", fontsize=8, ncol=2)
-    top.set_title(title or "N:M kept magnitude per layer")
-    colors = ["tab:blue" if s.eligible else "tab:gray" for s in stats]
-    bottom.bar(range(len(stats)), [100 * (0.0 if math.isnan(s.sparsity) else s.sparsity) for s in stats],
-               color=colors)
-    if pattern is not None:
-        p = Pattern.parse(pattern)
-        bottom.axhline(100 * (1 - p.density), color="tab:red", linestyle="--", linewidth=1,
-                       label=f"{p} target")
-        bottom.legend(loc="upper right", fontsize=8)
-    bottom.set_xticks(range(len(stats)), names, rotation=90, fontsize=7)
-    bottom.set_ylabel("sparsity (%) (gray: dense)")
-    bottom.set_ylim(0, 100)
+    if dense:
+        top.plot([], [], color="0.85", linewidth=8, label=f"dense ({len(dense)} weights, not N:M)")
+    top.legend(loc="lower right", fontsize=8, ncol=3)
+    p = f" {Pattern.parse(pattern)}" if pattern is not None else ""
+    top.set_title(title or f"N:M{p}: kept magnitude per weight ({n} weights)")
+    colors = ["tab:green" if not math.isnan(g) and g >= 0 else "tab:red" for g in gain]
+    bottom.bar(x, [0.0 if math.isnan(g) else g for g in gain], width=0.8, color=colors)
+    bottom.axhline(0, color="0.4", linewidth=0.8)
+    bottom.set_ylabel("permutation gain (points)")
+    step = max(1, math.ceil(n / 40))
+    ticks = list(range(0, n, step))
+    bottom.set_xticks(ticks, [_short(stats[i].name) for i in ticks], rotation=90, fontsize=6)
+    bottom.set_xlim(-0.5, n - 0.5)
     out = Path(path)
     fig.savefig(os.fspath(out), dpi=100, format="png")
     return out

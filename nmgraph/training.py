@@ -14,51 +14,106 @@
 True
 
 The prepared graph's ``train()``/``eval()`` switch the mask nodes between the training forward and
-the hard N:M forward (and ``aten.dropout`` nodes between on and off). Graphs from ``torch.export``
+the hard N:M forward (and dropout between on and off: ``aten.dropout`` nodes and the ``dropout_p``
+of ``scaled_dot_product_attention``). Graphs from ``torch.export``
 refuse ``train()``/``eval()`` by default; :func:`prepare` installs these two methods on the instance,
 as torch's own ``ExportedProgram.module()`` does for its refusing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import importlib.util
 import logging
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from nmgraph.analysis import analyze
-from nmgraph.capture import capture
+from nmgraph.analysis.plan import SparsityPlan
+from nmgraph.capture import capture, no_cache
 from nmgraph.errors import CaptureError, PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP
+from nmgraph.graph import ConvertRecord, PrepareRecord, fetch_attr, graph_record, update_graph_record
+from nmgraph.masking import (
+    MASK_OP,
+    SADTracker,
+    Schedule,
+    SparsityState,
+    TrainingConfig,
+    attach_masks,
+    detach_masks,
+    latent_weight,
+    masked_weights,
+    method_from_name,
+)
+from nmgraph.masking.schedule import Phase
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
 from nmgraph.passes.permute_channels import permute as permute_channels
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
-from nmgraph.pattern import Pattern, is_nm, nm_mask
-from nmgraph.plan import LayerInfo, Skip, SparsityPlan
-from nmgraph.schedule import Fixed, Schedule, SparsityState, TrainingConfig, method_from_name
-from nmgraph.telemetry import SADTracker
+from nmgraph.pattern import Pattern
+from nmgraph.rollback import Rollback
+from nmgraph.validate import check_plan_finite, check_seed
 
-__all__ = ["SparsityCallback", "convert", "hf_callback", "prepare", "set_mode"]
+__all__ = ["AttentionDropout", "SparsityCallback", "convert", "hf_callback", "prepare", "set_mode", "without_dropout"]
 
 log = logging.getLogger(__name__)
 
 _DROPOUT = torch.ops.aten.dropout.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """``node.meta["nmgraph"]`` of a ``scaled_dot_product_attention`` node whose dropout
+    :func:`set_mode` switched off: the probability it restores when dropout is switched on."""
+
+    p: float
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _set_sdpa_dropout(node: fx.Node, p: float) -> None:
+    if len(node.args) > 4:
+        node.update_arg(4, p)
+    else:
+        node.update_kwarg("dropout_p", p)
+
+
+def _switch_attention_dropout(node: fx.Node, on: bool) -> bool:
+    """Switches an SDPA node's ``dropout_p`` off (recording it) or back on; returns whether it changed."""
+    p = _sdpa_dropout(node)
+    saved = node.meta.get("nmgraph")
+    if not on and p != 0.0:
+        node.meta = {**node.meta, "nmgraph": AttentionDropout(p)}
+        _set_sdpa_dropout(node, 0.0)
+        return True
+    if on and p == 0.0 and isinstance(saved, AttentionDropout) and saved.p != 0.0:
+        _set_sdpa_dropout(node, saved.p)
+        return True
+    return False
 
 
 def _analyze(gm: fx.GraphModule, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> SparsityPlan:
-    return analyze(gm, pattern, include=tuple(include), exclude=tuple(exclude))
+    return analyze(gm, pattern, include=include, exclude=exclude)
 
 
 def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None = None) -> bool:
     """Training forward (``training=True``) or hard N:M forward for every mask node of ``gm``.
 
-    ``aten.dropout`` nodes are switched on when ``dropout`` is true and off when it is false;
-    ``None`` follows ``training``. The graph is recompiled only if a node changed (under
+    Dropout (``aten.dropout`` nodes and the ``dropout_p`` of ``scaled_dot_product_attention``) is
+    switched on when ``dropout`` is true and off when it is false; ``None`` follows ``training``. The graph is recompiled only if a node changed (under
     ``torch.compile`` that is one recompilation per switch). Sets ``training`` on ``gm``'s modules.
     Returns whether the graph changed.
     """
@@ -73,10 +128,43 @@ def set_mode(gm: fx.GraphModule, training: bool = True, *, dropout: bool | None 
         elif node.target is _DROPOUT and len(node.args) == 3 and node.args[2] is not dropout:
             node.update_arg(2, dropout)
             changed = True
+        elif node.target is _SDPA and _switch_attention_dropout(node, dropout):
+            changed = True
     if changed:
         gm.recompile()
     torch.nn.Module.train(gm, training)
     return changed
+
+
+@contextlib.contextmanager
+def without_dropout(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Runs the block with every dropout of ``gm`` off; puts back each one that was on.
+
+    A permutation is verified by comparing outputs before and after: with dropout on, the same
+    random mask falls on other channels after the permutation, so an exact permutation would look
+    like a changed function.
+    """
+    was_on = [n for n in gm.graph.nodes if n.op == "call_function" and (
+        (n.target is _DROPOUT and len(n.args) == 3 and n.args[2] is True)
+        or (n.target is _SDPA and _sdpa_dropout(n) != 0.0))]
+    if not was_on:
+        yield gm
+        return
+    for n in was_on:
+        if n.target is _DROPOUT:
+            n.update_arg(2, False)
+        else:
+            _switch_attention_dropout(n, False)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for n in was_on:
+            if n.target is _DROPOUT:
+                n.update_arg(2, True)
+            else:
+                _switch_attention_dropout(n, True)
+        gm.recompile()
 
 
 def _train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
@@ -98,17 +186,6 @@ def _install_train_eval(gm: fx.GraphModule) -> None:
         gm._register_deepcopy_hook(_install_train_eval)
 
 
-def _check_scores(scores: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo]) -> None:
-    shapes = {info.name: tuple(info.shape) for info in layers}
-    for name, s in scores.items():
-        if name not in shapes:
-            raise PlanError(f"saliency has a score for {name!r}, which is not an eligible weight of the plan.")
-        if tuple(s.shape) != shapes[name]:
-            raise PlanError(
-                f"saliency score for {name!r} has shape {tuple(s.shape)}, the weight {shapes[name]}."
-            )
-
-
 def prepare(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | Any = None,
@@ -128,16 +205,28 @@ def prepare(
     exclude: Sequence[str] = (),
     search: str = "greedy",
     seed: int = 0,
-) -> fx.GraphModule:
-    """Returns a trainable GraphModule in which every eligible weight reaches its consumer through a mask node.
+    time_limit: float | None = None,
+    progress: bool = False,
+    inplace: bool = False,
+) -> torch.nn.Module:
+    """Returns a trainable model in which every eligible weight is read through ``nmgraph::masked_weight``.
 
-    ``model`` is captured with :func:`nmgraph.capture` (an already captured graph is used and
-    modified in place); parameters stay the model's own, so an optimizer may be built on either.
+    ``inplace=False`` (default): a GraphModule with a mask node after each eligible weight. ``model``
+    is captured with :func:`nmgraph.capture` (an already captured graph is used and modified in
+    place); parameters stay the model's own, so an optimizer may be built on either.
+
+    ``inplace=True``: the masks attach to ``model`` itself (a parametrization per eligible weight, see
+    :mod:`nmgraph.masking.module_masks`) and ``model`` is returned: the same object, class and methods,
+    so HF ``Trainer``, ``accelerate``, gradient checkpointing, ``generate``, any input shape and
+    ``save_pretrained`` work as before. The plan and the permutation still come from the graph
+    captured with ``example_inputs`` (a tuple, or a dict of keyword inputs as the model is called);
+    after permuting, the model's own output on them is checked against its output before.
     ``method`` is a name (``"ste"``, ``"sr-ste"``, ``"mdgf-linear"``, ``"mdgf-exp"``,
     ``"sdgf-step"``, ``"sdgf-geo"``, ``"topkast"``, ``"fixed"``) or a config from
-    :mod:`nmgraph.schedule`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
+    :mod:`nmgraph.masking.methods`. The schedule is ``schedule=`` or built from ``total_steps``, ``warmup``,
     ``finetune`` and ``update_interval``. ``plan`` defaults to ``nmgraph.analyze(gm, pattern)``;
-    ``permute`` reorders channels first (``search``, ``seed``). ``saliency`` (method ``fixed``):
+    ``permute`` reorders channels first (``search``, ``seed``; ``time_limit`` bounds it, default a
+    budget that scales with the model, see :func:`nmgraph.permute`; ``progress`` shows a bar). ``saliency`` (method ``fixed``):
     ``"magnitude"`` or scores per weight name, computed on the graph as it is after permutation.
 
     Call :class:`SparsityCallback` ``.step()`` after every optimizer step.
@@ -155,10 +244,10 @@ def prepare(
     elif saliency not in (None, "magnitude"):
         raise PlanError(
             f"prepare(saliency={saliency!r}): pass 'magnitude' or a mapping weight name -> score "
-            "(see nmgraph.saliency.first_order / second_order)."
+            "(see nmgraph.masking.saliency.first_order / second_order)."
         )
     if scores is not None:
-        if not isinstance(method_cfg, Fixed):
+        if not method_cfg.scored:
             raise PlanError(f"saliency= chooses the mask of method 'fixed' only; method is {method_cfg.name!r}.")
         if schedule.warmup_steps:
             raise PlanError(
@@ -172,14 +261,24 @@ def prepare(
                 "prepare(..., permute=False, saliency=scores)."
             )
 
-    if isinstance(model, fx.GraphModule) and "nmgraph_capture" in model.meta:
+    if inplace and isinstance(model, fx.GraphModule):
+        raise PlanError(
+            "prepare(inplace=True) attaches the masks to your own module; pass the model itself, not a "
+            "captured graph (or use inplace=False to get a prepared graph)."
+        )
+    if inplace and (hasattr(model, STATE_NAME) or next(masked_weights(model), None) is not None):
+        raise PlanError(
+            f"{type(model).__name__} is already prepared (it has {STATE_NAME!r}): call nmgraph.convert(model) "
+            "to fold its masks first, or prepare a fresh copy."
+        )
+    if isinstance(model, fx.GraphModule) and graph_record(model) is not None:
         gm = model
     else:
         if example_inputs is None:
             raise CaptureError(
                 f"prepare() needs example_inputs to capture {type(model).__name__}; pass them as a tuple."
             )
-        gm = capture(model, example_inputs, kwargs)
+        gm = _capture_in_eval(model, example_inputs, kwargs) if inplace else capture(model, example_inputs, kwargs)
     if hasattr(gm, STATE_NAME):
         raise PlanError(
             f"This graph is already prepared (it has {STATE_NAME!r}). Call nmgraph.convert() on it, or "
@@ -189,53 +288,116 @@ def prepare(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but prepare() was asked for {p}.")
-    if permute:
-        report = permute_channels(gm, plan, search=search, seed=seed)
-        gm.meta["nmgraph_permute"] = report
-        log.info("permutation before training: %s", report)
     if scores is not None:
-        _check_scores(scores, plan.layers)
-    results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
-    res = results[0]
-    skipped = [*plan.skipped, *res.skipped]
-    if not res.modified:
-        raise PlanError(
-            f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
-            f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
-        )
-    for s in skipped:
-        log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_prepare"] = {
-        "config": config,
-        "masked": tuple(res.info["masked"]),
-        "skipped": tuple(skipped),
-    }
-    _install_train_eval(gm)
-    set_mode(gm, True)
+        PruneWeightsConfig(plan, scores)  # checks names and shapes before anything changes
+    check_plan_finite(gm, plan, scores)
+    if inplace:
+        if permute:
+            check_seed(seed, "prepare")
+        return _prepare_module(model, gm, plan, config, permute=permute, search=search, seed=seed, scores=scores,
+                               time_limit=time_limit, progress=progress)
+    if permute:
+        check_seed(seed, "prepare")
+    with Rollback() as undo:
+        if gm is model:  # the caller's graph is rewritten in place
+            undo.keep_module(gm)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            with without_dropout(gm):  # verified with dropout off: a permuted dropout mask is another function
+                report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit,
+                                          progress=progress)
+            update_graph_record(gm, permuted=report)
+            log.info("permutation before training: %s", report)
+        results = run_passes(gm, (insert_masks,), InsertMasksConfig(config, tuple(plan.layers), scores=scores))
+        res = results[0]
+        skipped = [*plan.skipped, *res.skipped]
+        if not res.modified:
+            raise PlanError(
+                f"prepare() found no weight to mask for {p}: {len(plan.layers)} eligible in the plan, "
+                f"{len(skipped)} left dense ({'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])})."
+            )
+        for s in skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        update_graph_record(gm, prepared=PrepareRecord(config, tuple(res.info["masked"]), tuple(skipped)))
+        _install_train_eval(gm)
+        set_mode(gm, True)
     log.info("prepared %d weights for %s; %d left dense", len(res.info["masked"]), config, len(skipped))
     return gm
 
 
-def _prune_plain(
-    gm: fx.GraphModule, plan: SparsityPlan, scores: Mapping[str, torch.Tensor] | None
-) -> tuple[list[str], list[Skip]]:
-    pruned, skipped = [], []
-    for info in plan.layers:
-        try:
-            w = gm.get_parameter(info.name)
-        except AttributeError:
-            try:
-                w = gm.get_buffer(info.name)
-            except AttributeError:
-                skipped.append(Skip(info.name, "not pruned: the graph has no such parameter or buffer"))
-                continue
-        score = None if scores is None else scores.get(info.name)
+def _prepare_module(model: torch.nn.Module, gm: fx.GraphModule, plan: SparsityPlan, config: TrainingConfig, *,
+                    permute: bool, search: str, seed: int, scores: Mapping[str, torch.Tensor] | None,
+                    time_limit: float | None = None, progress: bool = False) -> torch.nn.Module:
+    """``prepare(inplace=True)``: permute through the graph, check the model itself, attach the masks."""
+    if not plan.layers:
+        raise PlanError(
+            f"prepare() found no weight to mask for {config.pattern}: {len(plan.skipped)} left dense "
+            f"({'; '.join(f'{s.name}: {s.reason}' for s in plan.skipped[:5])})."
+        )
+    rec = graph_record(gm)
+    args, kwargs = (rec.example_args, dict(rec.example_kwargs)) if rec is not None else ((), {})
+    with Rollback() as undo:  # any failure (or Ctrl-C) puts the model back as it was
+        undo.keep_module(model)
+        if permute:
+            undo.keep_tensors(fetch_attr(gm, m.name) for g in plan.groups for m in g.members)
+            before = _module_outputs(model, args, kwargs)
+            report = permute_channels(gm, plan, search=search, seed=seed, time_limit=time_limit, progress=progress)
+            if report.permuted:
+                err = _relative_change(before, _module_outputs(model, args, kwargs))
+                if err > (2e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in before) else 1e-4):
+                    raise VerificationError(
+                        f"The permutation kept {type(model).__name__}'s captured graph exact but changed the "
+                        f"module's own output (relative change {err:.2e}): a tensor the graph permuted is not one "
+                        "the module reads (a constant made in forward?). The model was restored. Use permute=False."
+                    )
+            log.info("permutation before training: %s", report)
+        for s in plan.skipped:
+            log.info("left dense: %s (%s)", s.name, s.reason)
+        attach_masks(model, config, [(i.name, i.shape, i.axis) for i in plan.layers], scores=scores)
+    log.info("prepared %d weights of %s in place for %s; %d left dense", len(plan.layers),
+             type(model).__name__, config, len(plan.skipped))
+    return model
+
+
+def _capture_in_eval(model: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None) -> fx.GraphModule:
+    """The graph ``prepare(inplace=True)`` analyzes and permutes through: captured in eval mode (dropout
+    off, so the permutation check is deterministic), the model's modes restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        return capture(model, example_inputs, kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _module_outputs(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The model's floating-point outputs in eval mode, same RNG stream, buffers and mode restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [b for _, b in model.named_buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), no_cache(model, kwargs):
+            torch.manual_seed(0)
+            out = model(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
         with torch.no_grad():
-            w.mul_(nm_mask(w, plan.pattern, score, axis=info.axis))
-        if not is_nm(w, plan.pattern, axis=info.axis):
-            raise VerificationError(f"Pruned weight {info.name!r} is not {plan.pattern} along axis {info.axis}.")
-        pruned.append(info.name)
-    return pruned, skipped
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    leaves = pytree.tree_leaves(out)
+    return [x.detach().clone() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def _relative_change(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(ref, new):
+        if a.numel():
+            worst = max(worst, float((a.float() - b.float()).abs().max()) / max(float(a.float().abs().max()), 1e-30))
+    return worst
 
 
 def convert(
@@ -258,8 +420,26 @@ def convert(
     graph without masks (or a model, captured with ``example_inputs``), prunes the weights of
     ``plan`` (default ``nmgraph.analyze(gm, pattern or "2:4")``) by magnitude or ``saliency``.
     Weights are changed in place (they are the model's own) unless ``inplace=False``.
+
+    On a model prepared with ``prepare(..., inplace=True)``, folds each hard mask into its weight and
+    removes the masks: the same model object comes back as a plain module (its own class, no
+    parametrizations, hooks or mask state) whose masked weights are exactly N:M.
     """
     gm = gm_or_prepared
+    if not isinstance(gm, fx.GraphModule) and next(masked_weights(gm), None) is not None:
+        if plan is not None or saliency is not None:
+            raise PlanError(
+                "convert() folds the trained masks of a prepared model; plan= and saliency= apply only to a "
+                "model without masks."
+            )
+        if not inplace:
+            gm = copy.deepcopy(gm)
+        with Rollback() as undo:
+            undo.keep_tensors(latent_weight(gm, p.state.weight_name) for _, _, p in masked_weights(gm))
+            undo.keep_module(gm)
+            folded = detach_masks(gm, pattern=None if pattern is None else Pattern.parse(pattern))
+        log.info("convert: folded masks into %d weights of %s", len(folded), type(gm).__name__)
+        return gm
     if not isinstance(gm, fx.GraphModule):
         if example_inputs is None:
             raise CaptureError(
@@ -276,9 +456,15 @@ def convert(
                 "convert() folds the trained masks of a prepared graph; plan= and saliency= apply only "
                 "to a graph without mask nodes."
             )
-        set_mode(gm, False)
-        res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
-        gm.meta["nmgraph_convert"] = {"folded": tuple(res.info["folded"]), "skipped": ()}
+        with Rollback() as undo:
+            undo.keep_module(gm)
+            undo.keep_tensors(fetch_attr(gm, n.args[0].target) for n in mask_nodes(gm)
+                              if isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr")
+            set_mode(gm, False)
+            res = run_passes(gm, (fold_masks,), FoldMasksConfig(p))[0]
+            patterns = set(res.info["patterns"].values())
+            update_graph_record(gm, converted=ConvertRecord(
+                tuple(res.info["folded"]), (), patterns.pop() if len(patterns) == 1 else None, res.info["axes"]))
         log.info("convert: folded masks into %d weights", len(res.info["folded"]))
         return gm
     p = p or Pattern(2, 4)
@@ -286,13 +472,17 @@ def convert(
         plan = _analyze(gm, p, include, exclude)
     elif plan.pattern != p:
         raise PlanError(f"plan was made for pattern {plan.pattern} but convert() was asked for {p}.")
-    if saliency is not None:
-        _check_scores(saliency, plan.layers)
-    pruned, skipped = _prune_plain(gm, plan, saliency)
-    skipped = [*plan.skipped, *skipped]
-    for s in skipped:
+    config = PruneWeightsConfig(plan, saliency)
+    with Rollback() as undo:
+        if gm is gm_or_prepared:
+            undo.keep_module(gm)
+        undo.keep_tensors(fetch_attr(gm, info.name) for info in plan.layers)
+        res = run_passes(gm, (prune_weights,), config)[0]
+        pruned = res.info["pruned"]
+        update_graph_record(gm, converted=ConvertRecord(tuple(pruned), tuple(plan.skipped), p,
+                                                        {i.name: i.axis for i in plan.layers}))
+    for s in plan.skipped:
         log.info("left dense: %s (%s)", s.name, s.reason)
-    gm.meta["nmgraph_convert"] = {"folded": tuple(pruned), "skipped": tuple(skipped)}
     log.info("convert: pruned %d weights to %s by %s", len(pruned), p,
              "magnitude" if saliency is None else "saliency")
     return gm
@@ -318,22 +508,40 @@ def _find_state(module: torch.nn.Module) -> tuple[torch.nn.Module, SparsityState
 
 
 def _weights(owner: torch.nn.Module, state: SparsityState) -> dict[str, torch.Tensor]:
-    out = {}
-    for _, st in state.layers():
-        obj: Any = owner
-        for part in st.weight_name.split("."):
-            obj = getattr(obj, part)
-        out[st.weight_name] = obj
-    return out
+    """The latent (unmasked) weights of ``state``'s layers: graph attributes or the module's originals."""
+    return {st.weight_name: latent_weight(owner, st.weight_name) for _, st in state.layers()}
+
+
+@functools.cache
+def _trainer_callback_class(base: type) -> type:
+    """``base`` (SparsityCallback) mixed with ``transformers.TrainerCallback`` (made once per process)."""
+    import transformers
+
+    return type(base.__name__, (base, transformers.TrainerCallback), {"__module__": base.__module__,
+                                                                     "__doc__": base.__doc__})
 
 
 class SparsityCallback:
-    """Advances a prepared graph's schedule; call :meth:`step` after every optimizer step.
+    """Advances a prepared model's sparsity schedule: a ``transformers.TrainerCallback``, or ``.step()``.
 
-    ``module`` is the prepared graph (or a module wrapping it: DDP, ``torch.compile``).
+    ``module`` is the prepared model (``prepare(..., inplace=True)``), the prepared graph, or a module
+    wrapping either (DDP, ``torch.compile``). When transformers is installed the object *is* a
+    ``transformers.TrainerCallback``: ``Trainer(model=model, callbacks=[nmgraph.SparsityCallback(model)])``
+    advances the schedule after every optimizer step and adds to the Trainer's logs (printed, kept in
+    ``trainer.state.log_history``) ``nm_sparsity`` (the share of masked weights the forward zeroes
+    now), ``nm_mask_flips`` (the share of kept weights that changed per step, averaged since the last
+    log), ``nm_sad_start`` (the share of kept weights that differ from the masks when training began),
+    ``nm_phase`` (dense, sparse or finetune) and ``nm_pattern``. Without a Trainer, call
+    :meth:`step` after every optimizer step.
+
     ``telemetry=True`` (or a :class:`SADTracker`) makes :meth:`step` return the SAD dict of the step;
     ``log_every`` sets the tracker's INFO logging interval.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SparsityCallback:
+        if cls is SparsityCallback and importlib.util.find_spec("transformers") is not None:
+            cls = _trainer_callback_class(SparsityCallback)
+        return super().__new__(cls)
 
     def __init__(self, module: torch.nn.Module, *, telemetry: bool | SADTracker = False, log_every: int = 0) -> None:
         self.owner, self.state = _find_state(module)
@@ -341,6 +549,7 @@ class SparsityCallback:
             self.telemetry: SADTracker | None = telemetry
         else:
             self.telemetry = SADTracker(self.state, log_every=log_every) if telemetry else None
+        self._flips: list[float] = []
 
     @property
     def config(self) -> TrainingConfig:
@@ -353,34 +562,78 @@ class SparsityCallback:
     def step(self) -> dict[str, Any] | None:
         """Counts one optimizer step and updates masks and beta; returns SAD telemetry if enabled."""
         self.state.advance(_weights(self.owner, self.state))
-        return self.telemetry.update() if self.telemetry is not None else None
+        if self.telemetry is None:
+            return None
+        record = self.telemetry.update()
+        self._flips.append(record["flips"])
+        return record
 
-    def hf(self, **kwargs: Any) -> Any:
-        """This callback as a ``transformers.TrainerCallback`` (see :func:`hf_callback`)."""
-        return hf_callback(self, **kwargs)
+    def hf(self, **kwargs: Any) -> SparsityCallback:
+        """This callback (it already is a ``transformers.TrainerCallback``); kept for older code."""
+        return self
+
+    def metrics(self) -> dict[str, Any]:
+        """What the callback adds to the Trainer's logs (see the class docstring)."""
+        kept = total = 0
+        with torch.no_grad():
+            for _, st in self.state.layers():
+                kept += int(st.mask.sum())
+                total += st.mask.numel()
+        plan = self.state.current_plan()
+        out: dict[str, Any] = {"nm_sparsity": round(1 - kept / total, 6) if total else 0.0}
+        if self.telemetry is not None:
+            history = self.telemetry.history
+            if self._flips:
+                out["nm_mask_flips"] = sum(self._flips) / len(self._flips)
+            if history:
+                out["nm_sad_start"] = history[-1]["dist_start"]
+        out["nm_phase"] = plan.phase.value
+        out["nm_pattern"] = "dense" if plan.pattern is None or plan.phase is Phase.DENSE else str(plan.pattern)
+        return out
+
+    # --- transformers.TrainerCallback events (plain methods: no transformers import needed) --------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Starts mask telemetry from the masks as they are now (after a checkpoint was restored)."""
+        if self.telemetry is None or self.telemetry.start_step != self.state.current_step:
+            self.telemetry = SADTracker(self.state, keep_history=False)
+        self._flips = []
+        step = getattr(state, "global_step", None)
+        if step is not None and step != self.state.current_step:
+            log.warning(
+                "SparsityCallback: the Trainer is at step %d but the model's sparsity schedule at step %d; the "
+                "schedule counts from its own state (restored with the model's state_dict).", step,
+                self.state.current_step)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Runs :meth:`step` after each optimizer step."""
+        self.step()
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> Any:
+        """Adds :meth:`metrics` to the logs being written and to ``state.log_history``."""
+        if logs is None or "eval_loss" in logs or any(k.startswith("eval_") for k in logs):
+            return control
+        extra = self.metrics()
+        self._flips = []
+        logs.update(extra)
+        history = getattr(state, "log_history", None)
+        if history and isinstance(history[-1], dict) and history[-1].get("step") == getattr(state, "global_step", None):
+            history[-1].update(extra)
+        return control
 
 
 def hf_callback(module_or_callback: torch.nn.Module | SparsityCallback, **kwargs: Any) -> Any:
-    """A ``transformers.TrainerCallback`` that advances the schedule at every ``on_step_end``.
+    """The ``transformers.TrainerCallback`` for a prepared model: :class:`SparsityCallback` itself.
 
-    ``Trainer(model=prepared, ..., callbacks=[nmgraph.training.hf_callback(prepared)])``; keyword
-    arguments go to :class:`SparsityCallback`. transformers is imported here, on first use.
+    Kept for older code; ``Trainer(..., callbacks=[nmgraph.SparsityCallback(model)])`` is the same.
     """
     import transformers
 
     cb = module_or_callback if isinstance(module_or_callback, SparsityCallback) else SparsityCallback(
         module_or_callback, **kwargs
     )
-
-    class NMGraphTrainerCallback(transformers.TrainerCallback):
-        """Runs ``SparsityCallback.step()`` after each optimizer step (``on_step_end``)."""
-
-        def __init__(self, sparsity: SparsityCallback) -> None:
-            self.sparsity = sparsity
-            self.last: dict[str, Any] | None = None
-
-        def on_step_end(self, args, state, control, **kw):
-            self.last = self.sparsity.step()
-            return control
-
-    return NMGraphTrainerCallback(cb)
+    if not isinstance(cb, transformers.TrainerCallback):
+        cb.__class__ = _trainer_callback_class(SparsityCallback)
+    return cb

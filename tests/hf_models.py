@@ -60,14 +60,24 @@ def gpt2(head: bool = True, layers: int = 2):
     return randomized(cls(cfg).eval()), (_ids(),)
 
 
-def llama(head: bool = True, layers: int = 2, kv_heads: int = 2):
+def llama(head: bool = True, layers: int = 2, kv_heads: int = 2, use_cache: bool = False):
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=32,
-        use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        use_cache=use_cache, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     cls = transformers.LlamaForCausalLM if head else transformers.LlamaModel
     return randomized(cls(cfg).eval()), (_ids(),)
+
+
+def qwen2(layers: int = 1):
+    """A Qwen2 causal LM with its default config (``use_cache=True``), as ``from_pretrained`` gives it."""
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return randomized(transformers.Qwen2ForCausalLM(cfg).eval()), (_ids(),)
 
 
 def vit(head: bool = True, layers: int = 2):

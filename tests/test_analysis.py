@@ -372,6 +372,32 @@ def test_analyze_is_pure_and_reports_skips():
     assert '"pattern": "2:4"' in plan.to_json() and "left dense" in str(plan)
 
 
+class _BufferWeights(nn.Module):
+    """A frozen projection registered as a buffer, and one kept as a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("proj", torch.randn(16, 8))
+        self.const = torch.randn(16, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.linear(x, self.proj)
+        return self.head(torch.relu(self.fc(F.linear(h, self.const))))
+
+
+def test_a_buffer_or_constant_used_as_a_gemm_weight_is_reported():
+    gm = nmgraph.capture(_BufferWeights(), (torch.randn(2, 8),))
+    plan = nmgraph.analyze(gm, "2:4")
+    assert [i.name for i in plan.layers] == ["fc.weight"]
+    reasons = dict(plan.skipped)
+    assert reasons["proj"].startswith("a buffer used as the weight of linear at the model's top level: nmgraph "
+                                      "prunes parameters only; register it with nn.Parameter(..., requires_grad=False)")
+    const = [name for name in reasons if name not in ("proj", "head.weight")]
+    assert len(const) == 1 and reasons[const[0]].startswith("a constant tensor (neither parameter nor buffer)")
+
+
 # ---------------------------------------------------------------- real architectures
 
 
@@ -581,3 +607,77 @@ def test_interleaved_per_head_qkv():
     assert (fused.start, fused.stop, fused.stride) == (16, 24, 24)  # V: 8 channels of every 24 per head
     qk = _group_with(plan, "qkv.weight", 0)
     assert {(m.start, m.stride) for m in qk.members if m.name == "qkv.weight"} == {(0, 24), (8, 24)}
+
+
+@torch.library.custom_op("nmgraph_test::scale", mutates_args=())
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+@_scale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _CustomOpMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.ops.nmgraph_test.scale(self.fc1(x))).sum(-1)
+
+
+def test_a_rule_for_a_custom_op_needs_no_edit_of_nmgraph():
+    from nmgraph.analysis.rules import pass_through
+
+    gm = nmgraph.capture(_CustomOpMLP(), (torch.randn(2, 8),))
+    plan = nmgraph.analyze(gm, "2:4", include=["fc2"])
+    assert plan.layer("fc2.weight").group is None
+    assert any("nmgraph_test.scale.default is not in nmgraph's op table" in b.reason for b in plan.barriers)
+    plan = nmgraph.analyze(gm, "2:4", include=["fc2"], rules={torch.ops.nmgraph_test.scale.default: pass_through})
+    g = plan.group(plan.layer("fc2.weight").group)
+    assert sorted(m.name for m in g.members) == ["fc1.bias", "fc1.weight", "fc2.weight"]
+    report = nmgraph.permute(gm, plan, search="random", seed=1)  # verification reruns the model: unchanged
+    assert g.id in report.permuted and report.max_error < 1e-5
+    # the qualified name works too (ops of libraries nmgraph must not import)
+    plan2 = nmgraph.analyze(gm, "2:4", include=["fc2"], rules={"nmgraph_test.scale.default": pass_through})
+    assert plan2.layer("fc2.weight").group is not None
+    with pytest.raises(nmgraph.UnsupportedError, match="keys are ops"):
+        nmgraph.analyze(gm, "2:4", include=["fc2"], rules={42: pass_through})
+
+
+class _LoopedDense(nn.Module):
+    """One weight read by several nodes of one op, as a GEMM and as an activation (no second name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x @ self.w.T
+        return x * self.w.sum()
+
+
+def test_a_weight_read_by_several_nodes_is_not_called_tied():
+    gm = nmgraph.capture(_LoopedDense(), (torch.randn(2, 8),))
+    (skip,) = nmgraph.analyze(gm, "2:4").skipped
+    assert "tied" not in skip.reason and "read by 4 nodes, 3 of them as a GEMM weight" in skip.reason
+
+
+def test_a_tied_weight_names_its_other_name():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    gm = nmgraph.capture(Tied(), (torch.randint(0, 16, (2, 4)),))
+    (skip,) = nmgraph.analyze(gm, "2:4").skipped
+    assert "tied weight, also head.weight" in skip.reason

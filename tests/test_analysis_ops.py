@@ -158,7 +158,7 @@ class TransposedWeights(nn.Module):
 def test_matmul_with_transposed_weight_is_a_linear():
     torch.manual_seed(0)
     model = TransposedWeights()
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 1, 16)  # 2 rows: the Triton GEMV serves them in fp32
     plan = _check(model, x)
     assert {(i.name, i.axis) for i in plan.layers} == {("w1", 1), ("w2", 1), ("w3", 1)}
     g = _group_with(plan, "w2", 1)
@@ -416,3 +416,125 @@ def test_experts_stored_in_out_with_per_expert_bias():
     names = {(m.name, m.axis) for m in g.members}
     assert ("model.layers.0.self_attn.o_proj.weight", 0) in names
     assert ("model.layers.0.mlp.experts.down_proj_bias", 1) in names
+
+
+# ---------------------------------------------------------------- ops found on trained models (issue 16)
+
+
+class ClipGlu(nn.Module):
+    """Linear -> GLU (halves along the channel axis) -> clip -> Linear; clip_ in place on a conv path."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 32), nn.Linear(16, 8)
+        self.c1, self.c2 = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(8, 8, 1)
+
+    def forward(self, x, s):
+        h = F.glu(self.l1(x), dim=-1).clip(-1.0, 1.0)
+        c = F.glu(self.c1(s), dim=1)
+        c = c.clip_(min=-0.5)
+        return self.l2(h).sum() + self.c2(c).sum()
+
+
+def test_clip_passes_channels_and_glu_halves_share_one_permutation():
+    torch.manual_seed(0)
+    plan = _check(ClipGlu(), torch.randn(3, 8), torch.randn(2, 4, 6), include=["l2", "c2"])
+    g = _group_with(plan, "l2.weight", 1)
+    assert g is not None and g.size == 16
+    halves = sorted((m.start, m.stop) for m in g.members if m.name == "l1.weight")
+    assert halves == [(0, 16), (16, 32)]  # both halves of the GLU input move with one permutation
+    g = _group_with(plan, "c2.weight", 1)
+    assert g is not None and sorted(m.start for m in g.members if m.name == "c1.weight") == [0, 8]
+    assert "clip" not in _barrier_reasons(plan)
+
+
+class WeightNormed(nn.Module):
+    """A stream read by plain Linears and by weight_norm'ed consumers (both weight_norm APIs)."""
+
+    def __init__(self, dim=0):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.wn = torch.nn.utils.parametrizations.weight_norm(nn.Linear(16, 8), dim=dim)
+        self.conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 8, 3, padding=1))
+        self.out = nn.Linear(16, 8)
+        with torch.no_grad():  # a trained g, not the norm it starts from
+            for m in (self.wn, self.conv):
+                m.parametrizations.weight.original0.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        y = self.l2(h) + self.wn(h) + self.conv(h.unsqueeze(-1).expand(-1, -1, 4)).mean(-1)
+        return self.out(torch.cat([y, y], dim=-1))
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_weight_normed_consumer_joins_the_stream_it_reads(dim):
+    # g * v / ||v|| with the norm over the input axis: permuting v's columns leaves the norm as it is
+    torch.manual_seed(0)
+    plan = _check(WeightNormed(dim), torch.randn(3, 8))
+    g = _group_with(plan, "l2.weight", 1)
+    names = {(m.name, m.axis) for m in g.members}
+    assert {("wn.parametrizations.weight.original1", 1), ("conv.parametrizations.weight.original1", 1),
+            ("l1.weight", 0)} <= names
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert "remove the weight norm" in reasons["wn.parametrizations.weight.original1"]
+
+
+class Recurrent(nn.Module):
+    """An LSTMCell unrolled over the steps (Silero VAD's decoder), a GRUCell, and fused LSTM/GRU."""
+
+    def __init__(self, fused="lstm", bidirectional=False, layers=1):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.cell, self.gcell = nn.LSTMCell(16, 16), nn.GRUCell(16, 16)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[fused]
+        self.rnn = rnn(16, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.o1, self.o2 = nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o3 = nn.Linear(16 * (2 if bidirectional else 1), 8)
+
+    def forward(self, x):
+        x = self.inp(x)  # [B, T, 16]
+        h = c = torch.zeros(x.shape[0], 16)
+        g = x.new_zeros(x.shape[0], 16)  # new_zeros: a fill, any channel order
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+            g = self.gcell(h, g)
+        seq, _ = self.rnn(x)
+        return self.o1(h) + self.o2(g) + self.o3(seq[:, -1])
+
+
+@pytest.mark.parametrize(("fused", "bidirectional", "layers"), [("lstm", False, 1), ("gru", True, 2), ("rnn", False, 2)])
+def test_recurrent_cells_are_gemms_and_their_hidden_units_permute(fused, bidirectional, layers):
+    torch.manual_seed(0)
+    plan = _check(Recurrent(fused, bidirectional, layers), torch.randn(2, 5, 8), include=["o1", "o2", "o3"])
+    eligible = {i.name: i for i in plan.layers}
+    for name in ("cell.weight_ih", "cell.weight_hh", "gcell.weight_ih", "gcell.weight_hh"):
+        assert eligible[name].axis == 1 and eligible[name].group is not None
+    # the LSTMCell's hidden units: 4 gate chunks of w_ih/w_hh rows, w_hh columns, the next consumers
+    g = _group_with(plan, "cell.weight_hh", 1)
+    assert sorted(m.start for m in g.members if m.name == "cell.weight_ih" and m.axis == 0) == [0, 16, 32, 48]
+    assert {"gcell.weight_ih", "o1.weight"} <= set(g.consumers)
+    # fused ops run one dense recurrent kernel: left dense, and the reason says what would help
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert f"aten.{fused if fused != 'rnn' else 'rnn_tanh'}.input" in reasons["rnn.weight_ih_l0"]
+    assert f"weight_hh_l{layers - 1}" in " ".join(reasons)
+    # their input channels still move with the stream that feeds them (not a barrier)
+    g = _group_with(plan, "rnn.weight_ih_l0", 1)
+    assert g is not None and ("inp.weight", 0) in {(m.name, m.axis) for m in g.members}
+
+
+def test_unrolled_cell_prunes_and_exports_each_weight_once(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Recurrent("lstm").eval()
+    x = torch.randn(2, 3, 8)
+    gm = nmgraph.capture(model, (x,))
+    nmgraph.permute(gm, nmgraph.analyze(gm, "2:4"))
+    nmgraph.convert(gm, "2:4")
+    assert nmgraph.is_nm(model.cell.weight_ih, "2:4") and nmgraph.is_nm(model.cell.weight_hh, "2:4")
+    report = nmgraph.export(model, tmp_path / "m.onnx", (x,), pattern="2:4")
+    names = [layer.name for layer in report.check.layers]
+    assert len(names) == len(set(names))  # the 3 steps read each weight 3 times: counted once
+    by_name = {layer.name: layer for layer in report.check.layers}
+    assert by_name["cell.weight_ih"].reads == 3 and by_name["cell.weight_ih"].status.value == "eligible"
+    assert "read by 3 nodes" in str(report.check)

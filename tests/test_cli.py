@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import nmgraph
-from nmgraph import serialize
 from nmgraph.cli import main
+from nmgraph.exporters import serialize
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "tests.test_cli:tiny"
@@ -152,23 +152,33 @@ def test_not_a_saved_directory(tmp_path, capsys):
 
 def test_sparsify_from_trained_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    plan = _reference_plan()
+    eligible = {i.name for i in plan.layers}
     trained, _ = tiny()
     with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(torch.randn_like(p))  # "training" moved the weights
+        for name, p in trained.named_parameters():
+            p.add_(torch.randn_like(p))  # "training" moved the weights ...
+            if name in eligible:
+                p.mul_(nmgraph.nm_mask(p, "2:4"))  # ... and left the eligible ones 2:4
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"state_dict": trained.state_dict()}, ckpt)
     out = tmp_path / "s"
     assert main(["-q", "sparsify", FACTORY, "--checkpoint", str(ckpt), "--out", str(out), "--no-program"]) == 0
     loaded = serialize.load(out, tiny()[0])
-    plan = _reference_plan()
-    eligible = {i.name for i in plan.layers}
-    for name, w in trained.state_dict().items():
-        got = loaded.state_dict()[name]
-        # No permutation with a checkpoint: eligible weights are the trained ones, magnitude-pruned.
-        want = w * nmgraph.nm_mask(w, "2:4") if name in eligible else w
-        assert torch.equal(got, want), name
-    assert "compressed" in capsys.readouterr().out
+    for name, w in trained.state_dict().items():  # a trained N:M checkpoint is kept as it is: no permutation
+        assert torch.equal(loaded.state_dict()[name], w), name
+    captured = capsys.readouterr()
+    assert "compressed" in captured.out and "already: no permutation search" in captured.err
+    # a dense pretrained checkpoint gets the permutation search like any dense model
+    dense, _ = tiny()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save(dense.state_dict(), ckpt)
+    assert main(["-q", "sparsify", FACTORY, "--checkpoint", str(ckpt), "--out", str(out), "--no-program"]) == 0
+    assert "permute: kept magnitude" in capsys.readouterr().out
+    permuted = serialize.load(out, tiny()[0])
+    assert all(nmgraph.is_nm(permuted.get_parameter(n), "2:4") for n in eligible)
     # A checkpoint of another architecture is refused with the missing names.
     torch.save({"x": torch.zeros(1)}, ckpt)
     assert main(["sparsify", FACTORY, "--checkpoint", str(ckpt), "--out", str(out)]) == 1

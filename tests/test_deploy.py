@@ -1,10 +1,12 @@
 import copy
+import os
 
 import pytest
 import torch
 
 import nmgraph
 from nmgraph import UnsupportedError
+from nmgraph.passes.lower_linears import lower_linears
 
 from . import hf_models
 from .hf_models import first_tensor
@@ -38,7 +40,7 @@ def test_compile_matches_pruned_reference(name):
 def test_compile_runs_the_lowered_graph_when_a_layer_is_lowered():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
-    x = torch.randn(5, 32)
+    x = torch.randn(2, 32)  # fp32 2:4 at 2 rows: the GEMV serves it
     fast = nmgraph.compile(model, "2:4", backend="triton", include=["2"], time_limit=1.0)
     out = fast(x)
     lowering = next(iter(fast.report.lowerings.values()))
@@ -64,6 +66,32 @@ def test_compile_errors():
         nmgraph.compile(torch.nn.Linear(4, 4), backend="warp")
     with pytest.raises(UnsupportedError, match="mode='fast'"):
         nmgraph.compile(torch.nn.Linear(4, 4), mode="fast")
+    # a misspelled option is an error that lists the valid names, not silently ignored
+    with pytest.raises(UnsupportedError, match=r"unknown option 'serach'; valid options: permute, search, seed"):
+        nmgraph.compile(torch.nn.Linear(4, 4), serach="none")
+    with pytest.raises(UnsupportedError, match=r"search='fastest'\) is not one of none, random, greedy"):
+        nmgraph.compile(torch.nn.Linear(4, 4), search="fastest")
+
+
+class _Typo(torch.nn.Module):  # its own forward: Dynamo remembers a frame whose backend failed
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_torch_compile_backend_rejects_unknown_options():
+    model = _Typo()
+    before = model.fc.weight.detach().clone()
+    opt = torch.compile(model, backend="nmgraph", options={"patern": "1:4"})
+    try:
+        with pytest.raises(Exception, match=r"unknown option 'patern'; valid options: pattern, backend, permute"):
+            opt(torch.randn(2, 8))
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(model.fc.weight, before)  # refused before any weight changed
 
 
 def test_torch_compile_backend_by_name():
@@ -128,6 +156,90 @@ def test_compile_reports_pruned_layers_without_a_sparse_kernel():
     assert nmgraph.is_nm(model[2].weight, "2:4")
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     reasons = dict(next(iter(fast.report.lowerings.values())).skipped)
-    assert "no sparse kernel for this op" in reasons["0.weight"] and "conv" in reasons["2.weight"]
+    assert "no sparse kernel for this convolution (it has a 3x3 kernel" in reasons["0.weight"]
+    assert "CPU" in reasons["2.weight"]  # pointwise: it lowers where a sparse kernel is faster; dense on a CPU
     with pytest.raises(nmgraph.StrictModeError, match=r"0\.weight: conv .*no sparse kernel"):
         nmgraph.compile(copy.deepcopy(model), "2:4", permute=False, strict=True)(x)
+
+
+KERNEL = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@needs_kernel
+def test_compile_speeds_up_a_cnn_through_its_pointwise_convolutions():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(64, 16, 1), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 9, 4)).eval().half()
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float16)  # 9 positions: 9 rows for the pointwise convs
+    fast = nmgraph.compile(model, "2:4", backend="triton", time_limit=1.0)
+    out = fast(x)
+    lowering = next(iter(fast.report.lowerings.values()))
+    lowered = {n.meta["nmgraph"].weight for n in lowering.gm.graph.nodes if n.op == "call_function"
+               and n.target is torch.ops.nmgraph.nm_linear_triton.default}
+    assert lowered == {"2.weight", "4.weight"} and list(fast.report.runs.values()) == ["graph"]
+    assert "0.weight" in dict(lowering.skipped)  # the 3x3 conv runs densely, with its reason
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=2e-3, atol=2e-3)
+
+
+def test_inductor_mode_reaches_inductor(monkeypatch):
+    # inductor_mode="reduce-overhead" is torch.compile's CUDA-graph mode: its config reaches compile_fx
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return gm
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 8)
+    fast = nmgraph.compile(model, "2:4", inductor=True, inductor_mode="reduce-overhead", time_limit=1.0)
+    torch.testing.assert_close(fast(x), model(x))
+    assert seen == [{"triton.cudagraphs": True}]
+    opt = torch.compile(copy.deepcopy(model), backend="nmgraph", mode="reduce-overhead")
+    try:
+        opt(x)
+    finally:
+        torch._dynamo.reset()
+    assert seen[-1] == {"triton.cudagraphs": True}
+    with pytest.raises(UnsupportedError, match=r"inductor_mode='fastest'\) is not one of .*reduce-overhead"):
+        nmgraph.compile(model, inductor_mode="fastest")
+
+
+@needs_kernel
+def test_torch_compile_with_dynamic_rows_keeps_every_m_right(monkeypatch):
+    # Dynamo recompiles with a dynamic batch on the second shape: the lowered ops then carry their
+    # layer's dense weight, so 2, 3 and 80 rows all run right (GEMV, tensor-core, dense).
+    from nmgraph import deploy
+
+    lowerings = []
+
+    def spy(gm, config):
+        result = lower_linears(gm, config)
+        nodes = [n for n in gm.graph.nodes if n.name in result.changed_nodes]
+        lowerings.append((config.dynamic_rows, [n.meta["nmgraph"].dense_fallback for n in nodes]))
+        return result
+
+    monkeypatch.setattr(deploy, "lower_linears", spy)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 8)).eval().half()
+    opt = torch.compile(model, backend="nmgraph", options={"backend": "triton", "inductor": False,
+                                                           "time_limit": 1.0}, fullgraph=True)
+    try:
+        for rows in (2, 3, 80):
+            x = torch.randn(rows, 64, dtype=torch.float16)
+            with torch.no_grad():
+                torch.testing.assert_close(opt(x), model(x), rtol=2e-3, atol=2e-3)
+    finally:
+        torch._dynamo.reset()
+    # a graph with dynamic rows (Dynamo's recompile, or the first one when Dynamo already knows the
+    # batch varies) carries the dense weight in every op; a static one does not need it
+    assert lowerings and lowerings[-1] == (True, [True, True])
+    assert all(fallbacks == [dynamic] * 2 for dynamic, fallbacks in lowerings)

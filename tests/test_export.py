@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nmgraph
+from nmgraph.analysis.plan import LayerInfo, SparsityPlan
 from nmgraph.errors import CaptureError, StrictModeError, UnsupportedError, VerificationError
-from nmgraph.export import TOLERANCES, _verify, export
-from nmgraph.plan import LayerInfo, SparsityPlan
+from nmgraph.exporters.onnx_export import TOLERANCES, _verify, export
 
 from . import hf_models
 from .hf_models import first_tensor
@@ -69,7 +69,11 @@ def test_hf_models_export_equal_and_all_eligible(name, tmp_path):
     onnx.checker.check_model(str(path))
     assert report.exporter == "dynamo" and report.exporter_fallback is None and not report.converted
     # Independent onnxruntime run against the PyTorch model, at the documented float32 tolerance.
-    got = torch.from_numpy(_ort_outputs(path, list(args))[0])
+    # a text model is exported as served: input_ids and attention_mask in, logits out
+    feeds = [args[0], torch.ones_like(args[0])] if name in ("bert", "gpt2", "llama") else list(args)
+    assert report.input_names == (("input_ids", "attention_mask") if name in ("bert", "gpt2", "llama")
+                                  else report.input_names)
+    got = torch.from_numpy(_ort_outputs(path, feeds)[0])
     with torch.no_grad():
         ref = first_tensor(model(*args))
     rtol, atol = TOLERANCES[torch.float32]

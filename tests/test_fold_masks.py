@@ -3,12 +3,11 @@ import torch
 
 import nmgraph
 from nmgraph import PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP
+from nmgraph.masking import MASK_OP, SDGF, Schedule, TrainingConfig
 from nmgraph.passes.fold_masks import FoldMasksConfig, fold_masks, mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, insert_masks
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern
-from nmgraph.schedule import SDGF, Schedule, TrainingConfig
 from nmgraph.training import set_mode
 
 

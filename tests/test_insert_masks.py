@@ -4,12 +4,11 @@ import torch.nn.functional as F
 
 import nmgraph
 from nmgraph import PlanError, ShapeError
-from nmgraph.masking import MASK_OP
+from nmgraph.analysis.plan import LayerInfo
+from nmgraph.masking import MASK_OP, MDGF, SRSTE, STE, Schedule, SparsityState, TopKAST, TrainingConfig
 from nmgraph.passes.insert_masks import STATE_NAME, InsertMasksConfig, MaskNodeInfo, insert_masks
 from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern
-from nmgraph.plan import LayerInfo
-from nmgraph.schedule import MDGF, SRSTE, STE, Schedule, SparsityState, TopKAST, TrainingConfig
 
 
 class MLP(torch.nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 import nmgraph
 from nmgraph.errors import SerializationError, UnsupportedError
-from nmgraph.onnx_check import LayerStatus, check_onnx, diagnose_nm, parameter_aliases
+from nmgraph.exporters.onnx_check import LayerStatus, check_onnx, diagnose_nm, parameter_aliases
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

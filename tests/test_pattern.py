@@ -24,6 +24,8 @@ def test_parse_strings(text, n, m):
         ("0:4", r"need 0 < N < M \(N=0, M=4\)"),
         ("5:4", r"need 0 < N < M \(N=5, M=4\)"),
         ("a:b", r"Cannot parse pattern 'a:b'.*'N:M'"),
+        ("\u00b2:4", r"Cannot parse pattern '\u00b2:4'.*two positive integers"),  # '2' superscript: isdigit()
+        ("\uff12:4", r"Cannot parse pattern '\uff12:4'"),  # a full-width 2
         ("2-4", r"Cannot parse pattern '2-4'"),
         ("1:256", r"M=256 exceeds the maximum group size 128"),
         ((2.0, 4), r"Pattern.n must be an int"),
@@ -136,3 +138,28 @@ def test_nan_scores_rejected():
 def test_is_nm_counts_nonzeros():
     assert is_nm(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), "2:4")
     assert not is_nm(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), "2:4")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_nm_mask_of_signed_integers_widens_before_abs(dtype):
+    """abs(-128) is -128 in int8: the most negative value has the largest magnitude and is kept."""
+    low = torch.iinfo(dtype).min
+    w = torch.tensor([[low, 1, 2, 3], [5, low + 1, -7, 0]], dtype=dtype)
+    mask = nm_mask(w, "2:4")
+    assert mask.tolist() == [[True, False, False, True], [False, True, True, False]]
+    u = torch.tensor([[255, 1, 2, 254]], dtype=torch.uint8)
+    assert nm_mask(u, "2:4").tolist() == [[True, False, False, True]]
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: torch.empty(4, 8, device="meta"), r"nm_mask\(weight=...\) is on the meta device.*Materialize"),
+    (lambda: torch.ones(4, 8, dtype=torch.bool), r"nm_mask\(weight=...\) is a bool tensor.*score tensor"),
+    (lambda: torch.ones(4, 8, dtype=torch.complex64), r"is complex"),
+])
+def test_nm_mask_refuses_tensors_without_values_to_rank(make, match):
+    with pytest.raises(nmgraph.ArgumentError, match=match):
+        nm_mask(make(), "2:4")
+    with pytest.raises(nmgraph.ArgumentError, match=match.replace("weight", "score")):
+        nm_mask(torch.ones(4, 8), "2:4", make())
+    with pytest.raises(nmgraph.ArgumentError, match=r"score=...\) must be a tensor"):
+        nm_mask(torch.ones(4, 8), "2:4", [[1.0] * 8] * 4)

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from nmgraph import _search_kernels as kernels
 from nmgraph.errors import PlanError, ShapeError
-from nmgraph.permutation_search import (
-    METHODS,
+from nmgraph.search import kernels
+from nmgraph.search.permutation import (
+    SEARCHES,
     SearchResult,
     _SwapState,
     kept_score,
@@ -221,7 +221,7 @@ def test_single_row_reaches_unstructured_bound(pattern):
     assert r.efficacy == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SEARCHES)
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "4:8", "1:8"])
 def test_never_below_identity(method, pattern):
     rows, cols = (8, 32) if method == "exhaustive" else (16, 64)
@@ -237,7 +237,7 @@ def test_never_below_identity(method, pattern):
 
 def test_degenerate_matrices_keep_identity_score():
     for w in (torch.zeros(4, 16), torch.ones(4, 16), torch.arange(16.0).repeat(3, 1)):
-        for method in METHODS:
+        for method in SEARCHES:
             r = search_permutation(w, "2:4", method=method)
             _check_perm(r.perm, 16)
             assert r.kept == pytest.approx(kept_score(w, "2:4")) or r.kept > r.kept_identity
@@ -283,7 +283,7 @@ def test_different_seeds_draw_different_random_permutations():
     "c,block,pattern",
     [(64, 16, "2:4"), (48, 6, "2:4"), (64, 32, "2:8"), (60, 10, "1:4"), (96, 48, "2:4")],
 )
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SEARCHES)
 def test_block_constraint_honoured(c, block, pattern, method):
     w = _scores(12, c, seed=c + block)
     r = search_permutation(w, pattern, method=method, block=block, seed=0, max_regressions=2, window=16)
@@ -342,7 +342,7 @@ def test_threads_are_restored_and_do_not_change_the_result():
     assert torch.get_num_threads() == before
     default = search_permutation(w, "2:4", max_regressions=5)
     assert torch.equal(one.perm, default.perm)
-    with pytest.raises(PlanError, match="threads must be None or an int >= 1"):
+    with pytest.raises(PlanError, match=r"threads must be 'auto', None or an int >= 1"):
         search_permutation(w, "2:4", threads=0)
 
 
@@ -381,7 +381,7 @@ def test_errors_name_shape_method_and_fix():
         search_permutation(torch.rand(4, 16), "2:4", method="exhaustive", stripe_group_size=4)
     with pytest.raises(PlanError, match="time_limit"):
         search_permutation(torch.rand(4, 16), "2:4", time_limit=-1)
-    with pytest.raises(PlanError, match="max_regressions must be an int >= 0"):
+    with pytest.raises(PlanError, match="max_regressions must be None or an int >= 0"):
         search_permutation(torch.rand(4, 16), "2:4", max_regressions=-2)
     with pytest.raises(PlanError, match=r"window=4 must be an int >= 2\*M = 8"):
         search_permutation(torch.rand(4, 16), "2:4", window=4)

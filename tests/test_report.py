@@ -36,8 +36,22 @@ def test_plan_table_and_json():
         assert info.name in text
     for skip in plan.skipped:
         assert skip.name in text and skip.reason[:30] in text
-    assert f"{len(plan.layers)} eligible, {len(plan.skipped)} dense" in text
+    assert f"{len(plan.layers)} weights can be 2:4 (" in text and f"{len(plan.skipped)} stay dense" in text
     assert json.loads(report.to_json(plan)) == json.loads(plan.to_json())
+
+
+def test_plan_text_names_ops_by_where_they_run_not_by_graph_node_names():
+    import re
+
+    from . import hf_models
+
+    model, args = hf_models.llama(layers=1)
+    gm = nmgraph.capture(model, args)
+    plan = nmgraph.analyze(gm, "2:4")
+    text = report.render(plan, width=300) + str(plan)
+    numbered = {n.name for n in gm.graph.nodes if re.search(r"_\d+$", n.name) and n.op != "get_attr"}
+    assert not numbered & set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+    assert "slice in model.layers.0.self_attn" in text and "through linear in lm_head" in text
 
 
 def test_layer_stats_identity_vs_permuted_and_sparsity():
@@ -71,7 +85,12 @@ def test_plot_writes_png(tmp_path):
 
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = imread(str(out))
-    assert img.shape[0] == 750 and img.shape[1] == 600  # figsize (6, 7.5) at 100 dpi
+    assert img.shape[:2] == (600, 1200)  # figsize (12, 6) at 100 dpi
+    # 250 layers (dense ones among them) fit the same image
+    many = [report.LayerStat(f"model.layers.{i}.mlp.weight", (8, 8), i % 7 != 0, 0.5,
+                             0.7 if i % 7 else None, 0.72 if i % 7 else None) for i in range(250)]
+    big = report.plot_layers(many, tmp_path / "many.png", pattern="2:4")
+    assert imread(str(big)).shape[:2] == (600, 1200)
     with pytest.raises(nmgraph.PlanError, match="no layers"):
         report.plot_layers([], tmp_path / "empty.png")
 
@@ -101,8 +120,8 @@ def test_permute_report_table():
 
 
 def test_saved_model_and_onnx_reports(tmp_path):
-    from nmgraph import serialize
-    from nmgraph.onnx_check import check_onnx
+    from nmgraph.exporters import serialize
+    from nmgraph.exporters.onnx_check import check_onnx
 
     model, x, _, plan = _setup()
     with torch.no_grad():

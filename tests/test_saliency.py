@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nmgraph import PlanError, ShapeError
-from nmgraph.saliency import compute_saliency, first_order, magnitude, second_order
+from nmgraph.masking.saliency import compute_saliency, first_order, magnitude, second_order
 
 
 def _setup():

@@ -5,14 +5,13 @@ import torch
 
 import nmgraph
 from nmgraph import PatternError, PlanError
-from nmgraph.masking import MaskState
-from nmgraph.pattern import Pattern
-from nmgraph.schedule import (
+from nmgraph.masking import (
     MDGF,
     SDGF,
     SRSTE,
     STE,
     Fixed,
+    MaskState,
     Phase,
     Schedule,
     SparsityState,
@@ -21,6 +20,7 @@ from nmgraph.schedule import (
     method_from_name,
     plan_step,
 )
+from nmgraph.pattern import Pattern
 
 # ---- configs -------------------------------------------------------------------------------------
 
@@ -231,3 +231,49 @@ def test_state_mdgf_beta_buffer_and_state_dict_roundtrip():
     assert torch.equal(other.l0.mask, st.l0.mask)
     with pytest.raises(PlanError, match="No weight 'w0'"):
         other.refresh({}, force=True)
+
+
+def test_a_training_method_is_one_class():
+    """A method of one's own: one Method subclass; prepare, the schedule and convert use it as is."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from nmgraph.masking import MASK_OP, Method
+    from nmgraph.masking.select import nm_mask_fast
+
+    @dataclass(frozen=True)
+    class PenalisedSTE(Method):  # STE with a decay lam on the pruned weights and an all-ones gradient mask
+        lam: float = 1e-3
+        name: ClassVar[str] = "penalised-ste"
+        grad_mask: ClassVar[bool] = True
+
+        def penalty(self, pattern):
+            return self.lam
+
+        def update(self, st, w, stage, target, score, entry):
+            e = nm_mask_fast(w, target, axis=st.axis)
+            st.mask.copy_(e)
+            st.hard.copy_(e)
+            st.grad_mask.fill_(True)
+            st.pattern.copy_(torch.tensor([target.n, target.m]))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(6, 8)
+    gm = nmgraph.prepare(model, (x,), "2:4", method=PenalisedSTE(), permute=False)
+    masks = [n for n in gm.graph.nodes if n.target is MASK_OP]
+    assert len(masks) == 1 and masks[0].args[5] == 1e-3 and masks[0].args[4] is not None  # lam, grad mask
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb = nmgraph.SparsityCallback(gm)
+    for _ in range(3):
+        gm(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        cb.step()
+    gm.eval()
+    with torch.no_grad():
+        hard = gm(x)
+    out = nmgraph.convert(gm)
+    assert nmgraph.is_nm(model[0].weight, "2:4")
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), hard)

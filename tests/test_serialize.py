@@ -1,7 +1,9 @@
 """Save / load of N:M models: bit-identical round trips, corrupt and mismatched files."""
 
+import hashlib
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,11 @@ import torch
 
 import nmgraph
 from nmgraph.errors import PlanError, SerializationError
-from nmgraph.serialize import (
+from nmgraph.exporters.serialize import (
     META_FILE,
     WEIGHTS_FILE,
     load,
+    manifest_digest,
     plan_from_dict,
     read_example_inputs,
     read_saved,
@@ -214,3 +217,304 @@ def test_docs_walkthrough_runs(tmp_path, monkeypatch):
     report = namespace["report"]
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model_nm" / META_FILE).is_file()
     assert set(report.eligible) == {"0.weight", "2.weight"} and not report.lost
+
+
+# --- what a checkpoint refuses (docs/reliability.md) ------------------------------------------------
+
+
+def _meta(root):
+    return json.loads((root / META_FILE).read_text())
+
+
+def _write_meta(root, meta, resign=True, key=None):
+    """Writes an edited manifest; ``resign`` recomputes its digest as an attacker without the key can."""
+    if resign:
+        meta["signature"] = {"algorithm": "hmac-sha256" if key else "sha256", "digest": manifest_digest(meta, key)}
+    (root / META_FILE).write_text(json.dumps(meta))
+
+
+def _mlp4(seed=0):
+    """Two layers of the same shape (2 and 4): a tampered alias could copy one into the other."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    _prune_by_type(model)
+    return model
+
+
+@pytest.mark.parametrize("field", ["pattern", "compressed", "dense", "aliases", "tensors", "plan", "permutations",
+                                   "program", "program_imports", "inputs", "nbytes", "metadata", "files",
+                                   "model_class", "nmgraph_version"])
+def test_any_edit_of_the_manifest_is_refused(field, tmp_path):
+    model = _mlp()
+    x = torch.randn(2, 16)
+    gm = nmgraph.capture(model, (x,))
+    save(model, tmp_path / "m", plan=nmgraph.analyze(gm), permutations={0: torch.arange(32)},
+         example_inputs=(x,), program=False, metadata={"note": "x"})
+    meta = _meta(tmp_path / "m")
+    meta[field] = {"pattern": "1:4", "nbytes": 1, "program": "program.pt2", "inputs": None,
+                   "program_imports": ["os"], "model_class": "x.Y", "nmgraph_version": "0"}.get(field, {"x": []})
+    _write_meta(tmp_path / "m", meta, resign=False)
+    with pytest.raises(SerializationError, match=r"nmgraph\.json' fails its sha256 signature check: the manifest "
+                                                 r"was edited after save"):
+        load(tmp_path / "m", _mlp(seed=1))
+    with pytest.raises(SerializationError, match="signature check"):
+        read_saved(tmp_path / "m")
+
+
+def test_an_alias_cannot_rewire_one_layer_into_another(tmp_path):
+    model = _mlp4()
+    save(model, tmp_path / "m")
+    meta = _meta(tmp_path / "m")
+    meta["compressed"].pop("4.weight")
+    for k in [k for k in meta["tensors"] if k.startswith("4.weight::")]:
+        meta["tensors"].pop(k)
+    meta["aliases"]["4.weight"] = "2.weight"
+    _write_meta(tmp_path / "m", meta, resign=False)
+    target = _mlp4(seed=1)
+    snap = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(SerializationError, match="signature check"):
+        load(tmp_path / "m", target)
+    # a forger who also rewrites the weights file, its hash and the digest
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "m" / WEIGHTS_FILE
+    tensors = {k: v for k, v in load_file(str(file)).items() if not k.startswith("4.weight::")}
+    save_file(tensors, str(file), metadata={"format": "nmgraph", "format_version": "2"})
+    meta["files"][WEIGHTS_FILE] = {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                   "size": file.stat().st_size}
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"ties '4\.weight' to '2\.weight', but in Sequential they are "
+                                                 r"different tensors: loading would copy one layer's weights"):
+        load(tmp_path / "m", target)
+    assert all(torch.equal(v, snap[k]) for k, v in target.state_dict().items())  # untouched
+    meta["aliases"] = {"4.weight": "9.weight"}
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"field 'aliases' ties '4\.weight' to '9\.weight', which is not a "
+                                                 r"stored tensor"):
+        load(tmp_path / "m", target)
+    meta["aliases"] = {"0.bias": "2.bias"}
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"field 'aliases' names '0\.bias' as tied to '2\.bias', but "
+                                                 r"'0\.bias' is stored itself"):
+        load(tmp_path / "m", target)
+
+
+def test_a_program_copied_from_another_save_is_refused(tmp_path):
+    x = torch.randn(2, 16)
+    save(_mlp(seed=0), tmp_path / "a", example_inputs=(x,))
+    save(_mlp(seed=5, hidden=64), tmp_path / "b", example_inputs=(x,))
+    (tmp_path / "a" / "program.pt2").write_bytes((tmp_path / "b" / "program.pt2").read_bytes())
+    with pytest.raises(SerializationError, match=r"program\.pt2' fails its SHA-256 check .* copied from another save"):
+        load(tmp_path / "a")
+
+
+def test_program_imports_are_never_imported_without_permission(tmp_path, monkeypatch):
+    probe = tmp_path / "lib" / "nmgraph_import_probe.py"
+    probe.parent.mkdir()
+    marker = tmp_path / "imported"
+    probe.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(probe.parent))
+    monkeypatch.delitem(sys.modules, "nmgraph_import_probe", raising=False)
+    model = _mlp()
+    x = torch.randn(2, 16)
+    save(model, tmp_path / "m", example_inputs=(x,))
+    meta = _meta(tmp_path / "m")
+    meta["program_imports"] = ["nmgraph_import_probe"]
+    _write_meta(tmp_path / "m", meta, resign=False)
+    with pytest.raises(SerializationError, match="signature check"):
+        load(tmp_path / "m")
+    assert not marker.exists()  # verification comes before any import
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"types defined in \['nmgraph_import_probe'\], which are not "
+                                                 r"imported; nmgraph imports nothing .* allow_imports="):
+        load(tmp_path / "m")
+    assert not marker.exists()
+    program = load(tmp_path / "m", allow_imports=["nmgraph_import_probe"])
+    assert marker.exists()
+    with torch.no_grad():
+        assert torch.equal(program(x), model(x))
+    meta["program_imports"] = ["os; import shutil"]
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"field 'program_imports' must be a list of module names"):
+        load(tmp_path / "m")
+
+
+def test_a_flipped_byte_in_the_inputs_is_refused(tmp_path):
+    x = torch.randn(2, 16)
+    save(_mlp(), tmp_path / "m", example_inputs=(x,), program=False)
+    file = tmp_path / "m" / "inputs.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[_data_offset(file, "args.0") + 3] ^= 0x01
+    file.write_bytes(bytes(raw))
+    with pytest.raises(SerializationError, match=r"inputs\.safetensors' fails its SHA-256 check"):
+        read_example_inputs(tmp_path / "m")
+    with pytest.raises(SerializationError, match=r"inputs\.safetensors' fails its SHA-256 check"):
+        load(tmp_path / "m", _mlp(seed=1))
+
+
+def test_a_changed_weights_header_is_refused(tmp_path):
+    save(_mlp(), tmp_path / "m")
+    file = tmp_path / "m" / WEIGHTS_FILE
+    raw = file.read_bytes()
+    file.write_bytes(raw.replace(b'"format_version":"2"', b'"format_version":"3"'))
+    with pytest.raises(SerializationError, match=r"though every tensor matches its own: its header or metadata"):
+        load(tmp_path / "m", _mlp(seed=1))
+
+
+def test_a_file_save_did_not_write_is_refused(tmp_path):
+    x = torch.randn(2, 16)
+    save(_mlp(), tmp_path / "a", example_inputs=(x,))
+    save(_mlp(), tmp_path / "m", program=False)
+    (tmp_path / "m" / "program.pt2").write_bytes((tmp_path / "a" / "program.pt2").read_bytes())
+    with pytest.raises(SerializationError, match=r"program\.pt2' is not listed in nmgraph\.json: it was added after save"):
+        load(tmp_path / "m", _mlp())
+    (tmp_path / "m" / "notes.txt").write_text("files nmgraph does not write are not its business")
+    (tmp_path / "m" / "program.pt2").unlink()
+    load(tmp_path / "m", _mlp())
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(compressed=[]), r"field 'compressed' must be an object"),
+    (lambda m: m.update(tensors=list(m["tensors"])), r"field 'tensors' must be an object"),
+    (lambda m: m["tensors"]["0.weight::nm.values"].pop("sha256"),
+     r"field \"tensors\['0\.weight::nm\.values'\]\" must be an object with exactly 'sha256'"),
+    (lambda m: m["tensors"]["0.bias"].update(sha256="00"), r"field \"tensors\['0\.bias'\]\.sha256\" must be 64 hex"),
+    (lambda m: m["tensors"]["0.bias"].update(dtype="torch.float128"), r"\.dtype\" must be one of"),
+    (lambda m: m["tensors"]["0.bias"].update(shape=[-1]), r"\.shape\" must be a list of sizes >= 0"),
+    (lambda m: m.update(aliases=None), r"field 'aliases' must be an object \{tied name: stored name\}, got None"),
+    (lambda m: m.update(dense={"a": 1}), r"field 'dense' must be an object"),
+    (lambda m: m.update(pattern="4:2"), r"field 'pattern' must be an 'N:M' string, got '4:2'"),
+    (lambda m: m.update(nbytes=-1), r"field 'nbytes' must be an integer >= 0"),
+    (lambda m: m.update(program="../../etc/passwd"), r"field 'program' must be null or 'program\.pt2'"),
+    (lambda m: m.update(permutations={"0": [0.5]}), r"field 'permutations' must be null or an object"),
+    (lambda m: m.update(plan={"layers": 3}), r"The saved plan is malformed"),
+    (lambda m: m.update(metadata=[]), r"field 'metadata' must be an object"),
+    (lambda m: m.pop("files"), r"is missing the 'files' field"),
+    (lambda m: m.update(files={}), r"field 'files' must be the files \['weights\.safetensors'\]"),
+    (lambda m: m["compressed"]["0.weight"].update(axis=5), r"field \"compressed\['0\.weight'\]\.axis\" must be an axis"),
+    (lambda m: m["compressed"]["0.weight"].update(n=1), r"compressed\['0\.weight'\]\.n/m\" must be the checkpoint's"),
+    (lambda m: m.update(extra=1), r"has fields this nmgraph does not write: \['extra'\]"),
+])
+def test_malformed_fields_are_named(edit, match, tmp_path):
+    save(_mlp(), tmp_path / "m")
+    meta = _meta(tmp_path / "m")
+    edit(meta)
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=match):
+        load(tmp_path / "m", _mlp(seed=1))
+
+
+def test_a_missing_or_malformed_signature_is_refused(tmp_path):
+    save(_mlp(), tmp_path / "m")
+    meta = _meta(tmp_path / "m")
+    meta.pop("signature")
+    _write_meta(tmp_path / "m", meta, resign=False)
+    with pytest.raises(SerializationError, match=r"field 'signature' is missing or malformed"):
+        load(tmp_path / "m", _mlp())
+    meta["format_version"] = 1  # an unsigned checkpoint of the first format
+    _write_meta(tmp_path / "m", meta, resign=False)
+    with pytest.raises(SerializationError, match=r"format version 1, written by an nmgraph that did not sign"):
+        load(tmp_path / "m", _mlp())
+
+
+def test_a_checkpoint_signed_with_a_key(tmp_path):
+    model = _mlp()
+    info = save(model, tmp_path / "m", key="s3cret")
+    assert info.signature == "hmac-sha256"
+    with pytest.raises(SerializationError, match=r"signed with a key \(HMAC-SHA256\): pass the key"):
+        load(tmp_path / "m", _mlp(seed=1))
+    with pytest.raises(SerializationError, match=r"fails its hmac-sha256 signature check.*or the key is wrong"):
+        load(tmp_path / "m", _mlp(seed=1), key="guess")
+    _assert_same_state(model, load(tmp_path / "m", _mlp(seed=1), key=b"s3cret"))
+    meta = _meta(tmp_path / "m")
+    meta["metadata"] = {"edited": True}
+    _write_meta(tmp_path / "m", meta)  # re-signed without the key: a plain SHA-256
+    with pytest.raises(SerializationError, match=r"is not signed with a key .* refusing it"):
+        load(tmp_path / "m", _mlp(seed=1), key="s3cret")
+
+
+@pytest.mark.parametrize("where", ["weights", "swap"])
+def test_an_interrupted_save_keeps_the_previous_checkpoint(where, tmp_path, monkeypatch):
+    import os
+
+    import safetensors.torch
+
+    old = _mlp(seed=0)
+    x = torch.randn(2, 16)
+    save(old, tmp_path / "m", example_inputs=(x,), program=False)
+    (tmp_path / "m" / "README.txt").write_text("mine")
+    if where == "weights":
+        real = safetensors.torch.save_file
+        calls = []
+
+        def fake(*a, **k):  # the inputs file is written, then the interrupt hits the weights
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", fake)
+    else:
+        real_replace = os.replace
+        calls = []
+
+        def fake_replace(src, dst):  # two old files moved aside, one new one moved in, then the interrupt
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", fake_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save(_mlp(seed=7), tmp_path / "m", example_inputs=(torch.randn(3, 16),), program=False)
+    monkeypatch.undo()
+    _assert_same_state(old, load(tmp_path / "m", _mlp(seed=1)))
+    args, _ = read_example_inputs(tmp_path / "m")
+    assert torch.equal(args[0], x)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.txt", "inputs.safetensors",
+                                                                  "nmgraph.json", "weights.safetensors"]
+    new = _mlp(seed=7)
+    save(new, tmp_path / "m", program=False)  # a later save replaces nmgraph's files, and only those
+    _assert_same_state(new, load(tmp_path / "m", _mlp(seed=1)))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.txt", "nmgraph.json", "weights.safetensors"]
+
+
+def test_save_to_a_path_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SerializationError, match=r"Cannot create the directory .*file/m.* pass a path under a "
+                                                 r"directory you can write to"):
+        save(_mlp(), tmp_path / "file" / "m")
+    with pytest.raises(SerializationError, match=r"exists and is not a directory"):
+        save(_mlp(), tmp_path / "file")
+
+
+def test_an_interrupted_load_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    save(_mlp(seed=0), tmp_path / "m")
+    target = _mlp(seed=1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    real_copy, real_load = torch.Tensor.copy_, torch.nn.Module.load_state_dict
+    calls: list[int] = []
+    loading = []
+
+    def copy_(self, *a, **k):  # inside load_state_dict: two tensors are copied, then the interrupt hits
+        if loading:
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real_copy(self, *a, **k)
+
+    def load_state_dict(self, *a, **k):
+        loading.append(1)
+        try:
+            return real_load(self, *a, **k)
+        finally:
+            loading.clear()
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load_state_dict)
+    with pytest.raises(KeyboardInterrupt):
+        load(tmp_path / "m", target)
+    monkeypatch.undo()
+    assert len(calls) == 3  # two tensors had been loaded
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -3,10 +3,8 @@ import logging
 import pytest
 import torch
 
-from nmgraph.masking import MaskState
+from nmgraph.masking import STE, MaskState, SADTracker, Schedule, SparsityState, TrainingConfig
 from nmgraph.pattern import Pattern
-from nmgraph.schedule import STE, Schedule, SparsityState, TrainingConfig
-from nmgraph.telemetry import SADTracker
 from nmgraph.training import SparsityCallback, prepare
 
 
@@ -65,7 +63,7 @@ def test_callback_telemetry_and_logging(caplog):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     start = model[0].weight.detach().clone()
     records = []
-    with caplog.at_level(logging.INFO, logger="nmgraph.telemetry"):
+    with caplog.at_level(logging.INFO, logger="nmgraph.masking.telemetry"):
         for _ in range(4):
             gm(x).square().sum().backward()
             opt.step()
@@ -81,6 +79,6 @@ def test_callback_telemetry_and_logging(caplog):
     assert records[-1]["layers"]["0.weight"]["dist_start"] == pytest.approx(expect)
     assert records[-1]["dist_start"] > 0  # lr 0.5 moves the masks
     assert records[0]["dist_mid"] is None and records[1]["dist_mid"] == 0.0
-    lines = [r.getMessage() for r in caplog.records if r.name == "nmgraph.telemetry"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "nmgraph.masking.telemetry"]
     assert len(lines) == 2 and lines[0].startswith("SAD step 2 (sparse 2:4): flips")
     assert SparsityCallback(gm).step() is None  # telemetry off: nothing returned

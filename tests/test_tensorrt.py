@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import nmgraph
-from nmgraph import tensorrt as nm_trt
 from nmgraph.errors import BackendUnavailableError
-from nmgraph.export import export
+from nmgraph.exporters import tensorrt as nm_trt
+from nmgraph.exporters.onnx_export import export
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

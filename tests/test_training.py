@@ -5,11 +5,11 @@ import torch
 
 import nmgraph
 from nmgraph import CaptureError, PlanError
-from nmgraph.masking import MASK_OP
+from nmgraph.graph import graph_record
+from nmgraph.masking import MASK_OP, MDGF, Phase, SparsityState
+from nmgraph.masking.saliency import first_order
 from nmgraph.passes.fold_masks import mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME
-from nmgraph.saliency import first_order
-from nmgraph.schedule import MDGF, Phase, SparsityState
 from nmgraph.training import SparsityCallback, convert, hf_callback, prepare, set_mode
 
 from . import hf_models
@@ -106,9 +106,9 @@ def test_hf_prepare_train_convert(name):
     torch.manual_seed(0)
     model, args = hf_models.FACTORIES[name]()
     gm = prepare(model, args, "2:4", method="sr-ste", permute=False, total_steps=4, finetune=0.25)
-    masked = gm.meta["nmgraph_prepare"]["masked"]
+    masked = graph_record(gm).prepared.masked
     assert len(masked) == len(mask_nodes(gm)) and len(masked) >= 10
-    skipped = {s.name for s in gm.meta["nmgraph_prepare"]["skipped"]}
+    skipped = {s.name for s in graph_record(gm).prepared.skipped}
     assert not skipped & set(masked)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cb = SparsityCallback(gm)
@@ -142,7 +142,7 @@ def test_permutation_and_training_together():
         ref = first_tensor(model(*args)).clone()
     gm = prepare(model, args, "2:4", method="ste", permute=True, search="random", seed=3,
                  total_steps=6, warmup=1 / 3)
-    report = gm.meta["nmgraph_permute"]
+    report = graph_record(gm).permuted
     assert report.permuted  # random search applies a valid permutation to every group
     set_mode(gm, True, dropout=False)
     with torch.no_grad():  # dense warm-up: the permuted, masked graph computes the original function
@@ -158,7 +158,7 @@ def test_permutation_and_training_together():
     with torch.no_grad():
         hard_out = first_tensor(gm(*args)).clone()
     convert(gm)
-    for n in gm.meta["nmgraph_prepare"]["masked"]:
+    for n in graph_record(gm).prepared.masked:
         assert nmgraph.is_nm(model.get_parameter(n), "2:4")
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(gm(*args)), hard_out, rtol=0, atol=0)
@@ -281,7 +281,7 @@ def test_convert_plain_graph_by_magnitude_and_saliency():
     assert torch.equal(model.a.weight, w0["a.weight"] * nmgraph.nm_mask(w0["a.weight"], "2:4"))
     assert torch.equal(model.b.weight, w0["b.weight"] * nmgraph.nm_mask(w0["b.weight"], "2:4"))
     assert torch.equal(model.head.weight, w0["head.weight"])  # output head left dense (reported)
-    assert [s.name for s in gm.meta["nmgraph_convert"]["skipped"]] == ["head.weight"]
+    assert [s.name for s in graph_record(gm).converted.skipped] == ["head.weight"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
@@ -341,7 +341,7 @@ def test_prepare_errors():
     with pytest.raises(PlanError, match=r"saliency score for 'a.weight' has shape \(2,\)"):
         prepare(model, (x,), method="fixed", permute=False, saliency={"a.weight": torch.ones(2)})
     with pytest.raises(PlanError, match="Pass either schedule= or total_steps"):
-        prepare(model, (x,), permute=False, schedule=nmgraph.schedule.Schedule(), total_steps=3)
+        prepare(model, (x,), permute=False, schedule=nmgraph.masking.Schedule(), total_steps=3)
     with pytest.raises(CaptureError, match="needs example_inputs"):
         prepare(model)
     with pytest.raises(PlanError, match="Unknown training method 'magic'"):
@@ -370,3 +370,139 @@ def test_example_train_tiny_lm_smoke():
         # 6 steps from random init: the loss is near uniform over 128 symbols (7 bits), and finite
         assert 3.0 < r["val_bpc"] < 8.0
     assert all(r["masked_weights"] == 8 for r in results[1:])  # qkv, proj, up, down in 2 blocks
+
+
+def test_prepare_verifies_the_permutation_with_dropout_off():
+    """GPT-2 as transformers builds it is in train mode, with dropout in its residual stream and in
+    scaled_dot_product_attention (inside a permutation group): the permutation is verified with
+    dropout off (a dropout mask falls on other channels after a permutation), and dropout is back on
+    in the prepared graph's training forward and off in its eval forward."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=hf_models.VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.training and cfg.attn_pdrop == 0.1
+    reference = copy.deepcopy(model).eval()
+    ids = torch.randint(0, hf_models.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = prepare(model, (ids,), "2:4", method="ste", permute=True, search="greedy")
+    report = graph_record(gm).permuted
+    assert report.permuted and report.max_error <= 1e-5
+    with torch.no_grad():  # the user's (permuted) model computes the reference's function
+        torch.testing.assert_close(first_tensor(model.eval()(ids)), first_tensor(reference(ids)),
+                                   rtol=1e-4, atol=1e-5)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    drop = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert len(sdpa) == 1 and len(drop) == 3
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)  # training forward: on
+    gm.eval()
+    assert sdpa[0].args[4] == 0.0 and all(n.args[2] is False for n in drop)  # eval: off, attention included
+    with torch.no_grad():
+        assert torch.equal(first_tensor(gm(ids)), first_tensor(gm(ids)))
+    gm.train()
+    assert sdpa[0].args[4] == 0.1 and all(n.args[2] is True for n in drop)
+
+
+# ---- prepare(inplace=True): the masks on the user's own module ---------------------------------------
+
+
+def _batches(n=3, batch=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 16, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "mdgf-linear", "topkast"])
+def test_inplace_prepare_trains_like_the_prepared_graph(method):
+    torch.manual_seed(0)
+    graph_model = MLP()
+    own = copy.deepcopy(graph_model)
+    batches = _batches()
+    gm = prepare(graph_model, (batches[0][0],), "2:4", method=method, permute=False, total_steps=6)
+    out = prepare(own, (batches[0][0],), "2:4", method=method, permute=False, total_steps=6, inplace=True)
+    assert out is own and isinstance(own, MLP)
+    _train(gm, graph_model, batches, 4)
+    _train(own, own, batches, 4)
+    for name, p in graph_model.named_parameters():
+        torch.testing.assert_close(nmgraph.masking.latent_weight(own, name), p, rtol=1e-5, atol=1e-6)
+    for (_, a), (_, b) in zip(_state(gm).layers(), own.nmgraph_sparsity.layers()):
+        assert torch.equal(a.hard, b.hard)
+    x = torch.randn(3, 16)  # another batch size
+    gm.eval()
+    own.eval()
+    torch.testing.assert_close(own(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_state_dict_keeps_the_plain_names_and_resumes():
+    torch.manual_seed(0)
+    model = MLP()
+    plain_keys = list(model.state_dict())
+    batches = _batches()
+    prepare(model, (batches[0][0],), "2:4", method="sr-ste", permute=False, inplace=True)
+    _train(model, model, batches, 2)
+    sd = model.state_dict()
+    assert [k for k in sd if not k.startswith(STATE_NAME)] == plain_keys  # a.weight, not a.parametrizations...
+    assert int(sd[f"{STATE_NAME}.step"]) == 2
+    fresh = MLP()
+    prepare(fresh, (batches[0][0],), "2:4", method="sr-ste", permute=False, inplace=True)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    model.eval()
+    fresh.eval()
+    x = torch.randn(5, 16)
+    assert torch.equal(model(x), fresh(x))
+    # and a dense model reads the latent weights of that checkpoint
+    dense = MLP()
+    missing, unexpected = dense.load_state_dict(sd, strict=False)
+    assert not missing and all(k.startswith(STATE_NAME) for k in unexpected)
+
+
+def test_inplace_eval_is_the_hard_mask_forward_and_convert_gives_the_plain_module_back():
+    torch.manual_seed(0)
+    model = MLP(dropout=0.2)
+    batches = _batches()
+    prepare(model, (batches[0][0],), "2:4", method="ste", permute=True, search="random", inplace=True)
+    _train(model, model, batches, 3)
+    model.eval()
+    x = torch.randn(6, 16)
+    hard = {st.weight_name: st.hard.clone() for _, st in model.nmgraph_sparsity.layers()}
+    latent = {n: nmgraph.masking.latent_weight(model, n).detach().clone() for n in hard}
+    want = torch.func.functional_call(model, {n: latent[n] * hard[n] for n in hard}, (x,))
+    assert torch.equal(model(x), want)
+    assert convert(model) is model
+    assert type(model.a) is torch.nn.Linear and not hasattr(model, STATE_NAME)
+    assert not any(m._state_dict_hooks or m._load_state_dict_pre_hooks for m in model.modules())
+    assert all(nmgraph.is_nm(model.get_parameter(n), "2:4") for n in hard)
+    assert torch.equal(model(x), want)
+
+
+def test_inplace_prepare_refuses_a_graph_and_a_prepared_model():
+    model, x = MLP(), torch.randn(4, 16)
+    gm = nmgraph.capture(model, (x,))
+    with pytest.raises(PlanError, match="pass the model itself, not a captured graph"):
+        prepare(gm, None, inplace=True)
+    prepare(model, (x,), permute=False, inplace=True)
+    with pytest.raises(PlanError, match="already prepared"):
+        prepare(model, (x,), permute=False, inplace=True)
+    cb = SparsityCallback(model)
+    assert cb.step() is None and cb.step_count == 1
+
+
+def test_sparsity_callback_is_a_trainer_callback_and_logs_metrics():
+    transformers = pytest.importorskip("transformers")
+    model, x = MLP(), torch.randn(4, 16)
+    prepare(model, (x,), permute=False, inplace=True, method="sr-ste")
+    cb = nmgraph.SparsityCallback(model)
+    assert isinstance(cb, transformers.TrainerCallback) and isinstance(cb, SparsityCallback)
+    state = transformers.TrainerState()
+    control = transformers.TrainerControl()
+    assert cb.on_train_begin(None, state, control) is control
+    with torch.no_grad():
+        model.a.parametrizations.weight.original.mul_(-torch.arange(16.0))  # new magnitudes: masks flip
+    cb.on_step_end(None, state, control)
+    logs = {"loss": 1.0}
+    state.global_step = 1
+    state.log_history.append({**logs, "step": 1})
+    cb.on_log(None, state, control, logs=logs)
+    assert logs["nm_sparsity"] == 0.5 and logs["nm_phase"] == "sparse" and logs["nm_pattern"] == "2:4"
+    assert 0.0 < logs["nm_mask_flips"] <= 1.0
+    assert state.log_history[-1]["nm_mask_flips"] == logs["nm_mask_flips"]

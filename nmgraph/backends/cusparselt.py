@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nmgraph.backends import Backend
-from nmgraph.backends.dense import linear_weight
+from nmgraph.backends.base import Backend, GraphCall
+from nmgraph.backends.dense import compressed_shape, linear_weight
+from nmgraph.backends.ops import check_x, register_frozen_linear
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import BackendUnavailableError, UnsupportedError
 
@@ -38,6 +39,7 @@ __all__ = [
     "from_parts",
     "parts",
     "resolve_kernel",
+    "semi_structured_linear",
 ]
 
 log = logging.getLogger(__name__)
@@ -183,3 +185,35 @@ class CuSparseLtBackend(Backend):
         lead = x.shape[:-1]
         y = F.linear(x.reshape(-1, x.shape[-1]), prepared, bias)
         return y.reshape(*lead, y.shape[-1])
+
+    def lower(self, weight: CompressedNM, prepared: Any) -> GraphCall:
+        packed, meta = parts(prepared)
+        out_features, in_features = compressed_shape(weight)
+        return GraphCall(torch.ops.nmgraph.semi_structured_linear.default,
+                         (("nm_packed", packed), ("nm_meta", meta)),
+                         (out_features, in_features, resolve_kernel(self.kernel)))
+
+
+@torch.library.custom_op("nmgraph::semi_structured_linear", mutates_args=())
+def semi_structured_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    meta: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    kernel: str,
+) -> torch.Tensor:
+    """The graph op of :class:`CuSparseLtBackend`: ``x @ W^T + bias`` on PyTorch's 2:4 kernels with the
+    weight already packed (:func:`parts`); ``kernel`` is ``"cusparselt"`` or ``"cutlass"``."""
+    check_x(x, in_features, "semi_structured_linear")
+    weight = from_parts(kernel, (out_features, in_features), packed, meta)
+    lead = x.shape[:-1]
+    y = F.linear(x.reshape(-1, in_features), weight, bias)
+    return y.reshape(*lead, out_features)
+
+
+register_frozen_linear(
+    semi_structured_linear, n_buffers=2, shape=lambda c: (c[0], c[1]),
+    dense_weight=lambda b, c: from_parts(c[2], (c[0], c[1]), b[0], b[1]).to_dense(),
+)

@@ -1,7 +1,9 @@
 """The dense baseline: ``F.linear`` on the decompressed (pruned) weight.
 
 It is what "auto" dispatch compares every sparse kernel against, and what it runs whenever no
-sparse kernel is faster (always on a CPU: no N:M kernel speeds a CPU GEMM up).
+sparse kernel is faster (always on a CPU: no N:M kernel speeds a CPU GEMM up). Lowered with
+``backend="dense"``, a graph calls ``nmgraph::nm_linear_dense(x, values, indices, bias, n, m,
+out_features, in_features)``, which decompresses on every call: exact everywhere, for tests.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nmgraph.backends import Backend
+from nmgraph.backends.base import Backend, GraphCall
+from nmgraph.backends.ops import check_x, register_frozen_linear
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import ShapeError
 
-__all__ = ["DenseBackend", "decompress_linear", "linear_weight"]
+__all__ = ["DenseBackend", "decompress_linear", "linear_weight", "nm_linear_dense"]
 
 
 def linear_weight(weight: CompressedNM) -> torch.Tensor:
@@ -76,3 +79,37 @@ class DenseBackend(Backend):
 
     def run(self, x: torch.Tensor, prepared: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, prepared, bias)
+
+    def lower(self, weight: CompressedNM, prepared: torch.Tensor) -> GraphCall:
+        out_features, in_features = compressed_shape(weight)
+        return GraphCall(torch.ops.nmgraph.nm_linear_dense.default,
+                         (("nm_values", weight.values), ("nm_indices", weight.indices)),
+                         (weight.n, weight.m, out_features, in_features))
+
+
+def compressed_shape(weight: CompressedNM) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a 2-D compressed linear weight (either storage axis)."""
+    return int(weight.values.shape[0]), int(weight.shape[weight.axis])
+
+
+@torch.library.custom_op("nmgraph::nm_linear_dense", mutates_args=())
+def nm_linear_dense(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` with ``W`` the ``[out_features, in_features]`` weight of a 2-D
+    :class:`~nmgraph.compress.CompressedNM` (its values and index bit planes), decompressed per call."""
+    check_x(x, in_features, "nm_linear_dense")
+    return F.linear(x, decompress_linear(values, indices, n, m), bias)
+
+
+register_frozen_linear(
+    nm_linear_dense, n_buffers=2, shape=lambda c: (c[2], c[3]),
+    dense_weight=lambda b, c: decompress_linear(b[0], b[1], c[0], c[1]),
+)

@@ -5,7 +5,9 @@ memory-bound decode GEMM (small M) gains from reading fewer weight bytes, a comp
 GEMM often does not, and cuSPARSELt is slower than dense at small M on some GPUs. So nothing is
 assumed: on first use of a (device, dtype, M bucket, N, K, pattern, bias) key the
 :class:`Dispatcher` checks each candidate's output against dense, times it (the timer is
-injectable, so tests use a fake one), and keeps the fastest. Dense wins unless a sparse kernel is
+injectable, so tests use a fake one), and keeps the fastest. A backend that declines the bucket's
+rows (:meth:`~nmgraph.backends.base.Backend.rows_reason`: the Triton decode kernels above 64 rows)
+is not timed there: prefill sizes go to cuSPARSELt or dense. Dense wins unless a sparse kernel is
 at least ``min_speedup`` times faster. Choices are cached in the dispatcher and optionally in a
 JSON file, so a second process does not measure again.
 
@@ -32,7 +34,8 @@ from typing import Any
 
 import torch
 
-from nmgraph.backends import BACKEND_NAMES, BackendRegistry, default_registry
+from nmgraph.backends.base import BackendRegistry
+from nmgraph.backends.registry import backend_names, default_registry
 from nmgraph.compress import CompressedNM
 from nmgraph.errors import SerializationError, UnsupportedError
 
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 #: A timer gets a label (the backend name) and a callable, and returns seconds per call (a median).
 Timer = Callable[[str, Callable[[], Any]], float]
 CACHE_FORMAT = "nmgraph-dispatch-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Triton decode kernels (GEMV / tensor-core), rows-aware backends
 CPU_REASON = ("CPU: no N:M kernel speeds up a CPU GEMM, so the folded dense weight runs "
               "(F.linear); sparse kernels need a CUDA device")
 
@@ -164,7 +167,8 @@ class DispatchReport:
 
 
 def _backend_order(name: str) -> tuple[int, str]:
-    return (BACKEND_NAMES.index(name) if name in BACKEND_NAMES else len(BACKEND_NAMES), name)
+    names = backend_names()
+    return (names.index(name) if name in names else len(names), name)
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -317,7 +321,7 @@ class Dispatcher:
         reference = None
         for name in self.candidates:
             backend = self.registry.get(name)
-            reason = backend.unavailable_reason(weight, dtype, device)
+            reason = backend.unavailable_reason(weight, dtype, device, rows=key.m_bucket)
             if reason is not None:
                 unavailable[name] = reason
                 continue

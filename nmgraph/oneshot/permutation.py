@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-import nmgraph
 from nmgraph.oneshot.taps import Geometry
+from nmgraph.search import kept_score, search_permutation
 
 __all__ = ["GroupSearch", "member_columns", "saliency", "search_groups"]
 
@@ -179,7 +179,7 @@ def search_groups(
         sampled, before, grand = [], {}, 0.0
         for name, c in cols.items():
             s = _score(sal_of(name), layers[name].axis, c)
-            before[name] = nmgraph.kept_score(s, p)
+            before[name] = kept_score(s, p)
             grand += float(s.sum(dtype=torch.float64))
             if frac >= 1.0:
                 sampled.append(s)
@@ -199,13 +199,13 @@ def search_groups(
                                        _share(sum(before.values()), grand), False, time.perf_counter() - t0,
                                        "no time left in the budget"))
             continue
-        result = nmgraph.search_permutation(matrix, p, method=search, block=g.block, seed=seed, time_limit=budget,
+        result = search_permutation(matrix, p, method=search, block=g.block, seed=seed, time_limit=budget,
                                             threads=1, progress=progress)
         del matrix
         perm = result.perm.cpu()
         after = dict(before)
         if not torch.equal(perm, torch.arange(g.size)):
-            after = {name: nmgraph.kept_score(_score(sal_of(name), layers[name].axis, c)[:, perm], p)
+            after = {name: kept_score(_score(sal_of(name), layers[name].axis, c)[:, perm], p)
                      for name, c in cols.items()}
         kb, ka = sum(before.values()), sum(after.values())
         applied = ka > kb

@@ -41,11 +41,11 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-import nmgraph
 from nmgraph.errors import CaptureError, PlanError, VerificationError
 from nmgraph.oneshot.sparsegpt import hessian_inverse_diag, sparsegpt_prune
 from nmgraph.oneshot.taps import Geometry, Tap, tap_features
 from nmgraph.oneshot.wanda import wanda_score
+from nmgraph.pattern import Pattern, is_nm, nm_mask
 
 __all__ = ["GraphRunner", "LayerOutcome", "collect_statistics", "prune_layers"]
 
@@ -515,11 +515,11 @@ def _prune_problems(
             if method != "magnitude":
                 unseen.append(p)
             sal = wp.abs()
-            kp = nmgraph.nm_mask(wp, pattern, score=sal, axis=1)
+            kp = nm_mask(wp, pattern, score=sal, axis=1)
             new[p] = wp * kp
         elif method == "wanda":
             sal = wanda_score(wp, acc.sq_norms()[p])
-            kp = nmgraph.nm_mask(wp, pattern, score=sal, axis=1)
+            kp = nm_mask(wp, pattern, score=sal, axis=1)
             new[p] = wp * kp
         else:
             res = sparsegpt_prune(wp, acc.hessian(p), pattern, blocksize=blocksize, percdamp=percdamp)
@@ -562,7 +562,7 @@ def prune_layers(
     weight is overwritten (the caller's undo log). A layer's output error comes from its Hessian
     when the method has one (every sample), else from recomputing its output on the first
     ``error_samples`` samples (``None``: all)."""
-    p = nmgraph.Pattern.parse(pattern)
+    p = Pattern.parse(pattern)
     params = dict(gm.named_parameters(remove_duplicate=False))
     all_taps = [t for ts in taps.values() for t in ts]
     runner = GraphRunner(gm, samples, [t.node for t in all_taps])
@@ -595,7 +595,7 @@ def prune_layers(
             before_write(name, param)
         with torch.no_grad():
             param.copy_(geom.from_problems(new).to(param.dtype))
-        if not nmgraph.is_nm(param, p, axis=geom.axis):
+        if not is_nm(param, p, axis=geom.axis):
             raise VerificationError(f"{name}: after {method} pruning the weight is not {p} along axis {geom.axis}; "
                                     "this is a bug, please report it.")
         runner.refresh({id(param)})

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-import nmgraph
 from nmgraph.errors import ShapeError, VerificationError
+from nmgraph.pattern import Pattern, is_nm
 
 __all__ = ["SparseGPTResult", "hessian_inverse_diag", "inverse_cholesky", "obs_saliency", "obs_update",
            "sparsegpt_prune"]
@@ -211,7 +211,7 @@ def sparsegpt_prune(
     ``dtype`` is the precision of the column sweep (float32 by default; float64 for references).
     The result's weight is exactly N:M (checked).
     """
-    p = nmgraph.Pattern.parse(pattern)
+    p = Pattern.parse(pattern)
     if weight.dim() != 2:
         raise ShapeError(f"sparsegpt_prune needs a 2-D weight [rows, K], got {tuple(weight.shape)}.")
     rows, k = weight.shape
@@ -259,7 +259,7 @@ def sparsegpt_prune(
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)  # lazy batch update of the rest
     w = w * keep  # exact zeros (the sweep wrote them already; this guards against -0.0 and rounding)
     w0_sq = float(start.sub_(w).pow_(2).sum(dtype=torch.float64))  # ||W0 - W'||^2
-    if not nmgraph.is_nm(w, p, axis=1):
+    if not is_nm(w, p, axis=1):
         raise VerificationError(f"SparseGPT produced a weight that is not {p}; this is a bug, please report it.")
     # Sequential OBS makes the summed costs exactly tr(D H_damped D^T) with D = W0 - W' (W0: dead
     # columns zeroed, which H does not see); removing the dampening gives the true ||X W0^T - X W'^T||^2.

@@ -17,7 +17,6 @@ inverses.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -30,13 +29,18 @@ from typing import Any
 
 import torch
 
-import nmgraph
-from nmgraph.errors import CaptureError, PlanError, StrictModeError, VerificationError
+from nmgraph.analysis import analyze
+from nmgraph.capture import capture
+from nmgraph.errors import ArgumentError, CaptureError, StrictModeError, VerificationError
 from nmgraph.oneshot.calibration import Calibration, CalibrationError, Sample, load_calibration
 from nmgraph.oneshot.permutation import DEFAULT_MAX_ROWS, search_groups
 from nmgraph.oneshot.report import GroupReport, LayerReport, SparsifyReport
 from nmgraph.oneshot.sequential import ERROR_SAMPLES, METHODS, collect_statistics, prune_layers
 from nmgraph.oneshot.taps import Geometry, find_taps
+from nmgraph.passes.permute_channels import apply_permutation, default_time_limit
+from nmgraph.passes.permute_channels import permute as permute_channels
+from nmgraph.pattern import Pattern, nm_mask
+from nmgraph.validate import check_seed, check_time_limit
 
 __all__ = ["METHODS", "sparsify"]
 
@@ -101,6 +105,9 @@ def sparsify(
     saliency (row-sampled to ``max_score_rows`` rows per group) and apply it when it keeps more.
     ``time_limit`` (seconds) bounds the whole call: the search gets what an estimate of the other
     stages leaves (``report.stages`` shows where the time went); pruning itself is never cut short.
+    ``None`` (default): the search gets :func:`nmgraph.passes.permute_channels.default_time_limit`'s
+    budget (5 to 120 s, scaling with the score matrices) and the other stages take what they take;
+    ``math.inf``: no limit.
     ``progress``: tqdm bars (default: when stderr is a terminal). ``sequential=False`` takes every
     layer's statistics from the dense model in one pass (small models); the default prunes layer by
     layer, each with the inputs of the already-pruned layers before it, holding one block's
@@ -111,31 +118,30 @@ def sparsify(
     small or busy CPU 1 is often fastest). Statistics, pruning and evaluation run under
     ``torch.no_grad``.
 
-    Raises :class:`PlanError` (bad ``method``, ``search`` or numbers), :class:`CalibrationError`,
+    Raises :class:`ArgumentError` (bad ``method``, ``search`` or numbers), :class:`CalibrationError`,
     :class:`CaptureError`, :class:`StrictModeError`; after any error the model is as it was.
     """
     start = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"sparsify() needs a torch.nn.Module, got {type(model).__name__}.")
-    p = nmgraph.Pattern.parse(pattern)
+    p = Pattern.parse(pattern)
     if method not in METHODS:
-        raise PlanError(f"method={method!r} is not a one-shot pruning method; valid methods: "
+        raise ArgumentError(f"method={method!r} is not a one-shot pruning method; valid methods: "
                         f"{', '.join(repr(m) for m in METHODS)}.")
     if search not in SEARCHES:
-        raise PlanError(f"search={search!r} is not a permutation search; valid: {', '.join(map(repr, SEARCHES))}.")
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
-                                   or not time_limit >= 0):
-        raise PlanError(f"time_limit must be None or a number of seconds >= 0, got {time_limit!r}.")
+        raise ArgumentError(f"search={search!r} is not a permutation search; valid: {', '.join(map(repr, SEARCHES))}.")
+    check_time_limit(time_limit, "sparsify")
+    check_seed(seed, "sparsify")
     if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0):
-        raise PlanError(f"holdout must be None or an int >= 0, got {holdout!r}.")
+        raise ArgumentError(f"holdout must be None or an int >= 0, got {holdout!r}.")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise PlanError(f"blocksize must be a positive int, got {blocksize!r}.")
+        raise ArgumentError(f"blocksize must be a positive int, got {blocksize!r}.")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-        raise PlanError(f"percdamp must be a number >= 0, got {percdamp!r}.")
+        raise ArgumentError(f"percdamp must be a number >= 0, got {percdamp!r}.")
     if isinstance(max_score_rows, bool) or not isinstance(max_score_rows, int) or max_score_rows < 1:
-        raise PlanError(f"max_score_rows must be a positive int, got {max_score_rows!r}.")
+        raise ArgumentError(f"max_score_rows must be a positive int, got {max_score_rows!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise PlanError(f"threads must be None or an int >= 1, got {threads!r}.")
+        raise ArgumentError(f"threads must be None or an int >= 1, got {threads!r}.")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     notes: list[str] = []
     stages: dict[str, float] = {}
@@ -160,8 +166,8 @@ def sparsify(
     try:
         model.eval()
         t = time.perf_counter()
-        gm = nmgraph.capture(model, calib[0][0], calib[0][1])
-        plan = nmgraph.analyze(gm, p, include=include, exclude=exclude, dense_head=dense_head)
+        gm = capture(model, calib[0][0], calib[0][1], dynamic=False)
+        plan = analyze(gm, p, include=include, exclude=exclude, dense_head=dense_head)
         stages["capture"] = time.perf_counter() - t
         if strict and plan.skipped:
             raise StrictModeError(f"strict=True and {len(plan.skipped)} weights would stay dense, e.g. "
@@ -179,7 +185,8 @@ def sparsify(
         groups: list[GroupReport] = []
         per_layer: dict[str, tuple[float, float]] = {}
         searchable = permute and search != "none" and any(g.consumers for g in plan.groups)
-        cost = _CostModel(method, per_sample, len(calib), t_eval, gm, plan) if time_limit is not None else None
+        bounded = time_limit is not None and not math.isinf(time_limit)
+        cost = _CostModel(method, per_sample, len(calib), t_eval, gm, plan) if bounded else None
         if cost is not None:
             fixed = cost.prune(None) + t_eval
             if time.perf_counter() - start + fixed > time_limit:
@@ -200,7 +207,7 @@ def sparsify(
                 stats, _, _ = collect_statistics(gm, taps, geometry, calib, method, percdamp=percdamp, progress=show)
                 t_stats = time.perf_counter() - t
                 stages["statistics"] = t_stats
-            budget = None
+            budget = default_time_limit(plan) if time_limit is None else None
             if cost is not None:
                 rest = cost.prune(t_stats) + cost.permute() + t_eval
                 budget = max(0.0, (1 - SAFETY) * time_limit - (time.perf_counter() - start) - ESTIMATE_MARGIN * rest)
@@ -216,7 +223,7 @@ def sparsify(
             if perms:
                 t = time.perf_counter()
                 low_precision = any(param.dtype in (torch.float16, torch.bfloat16) for param in model.parameters())
-                nmgraph.permute(gm, plan, perms=perms, verify=not low_precision)
+                permute_channels(gm, plan, perms=perms, verify=not low_precision)
                 applied = dict(perms)
                 if low_precision:
                     _check_permuted(model, evaluation[0], reference[0][0])
@@ -242,7 +249,8 @@ def sparsify(
     except BaseException:
         undo.restore()
         if applied and gm is not None:
-            nmgraph.permute(gm, plan, perms={g: torch.argsort(perm) for g, perm in applied.items()}, verify=False)
+            for gid, perm in reversed(list(applied.items())):
+                apply_permutation(gm, plan.group(gid), torch.argsort(perm))
         raise
     finally:
         undo.close()
@@ -265,7 +273,7 @@ class _CostModel:
         if sizes:
             name = max(sizes, key=sizes.get)
             t = time.perf_counter()
-            nmgraph.nm_mask(gm.get_parameter(name), plan.pattern, axis=plan.layer(name).axis)
+            nm_mask(gm.get_parameter(name), plan.pattern, axis=plan.layer(name).axis)
             self.mask_rate = (time.perf_counter() - t) / sizes[name]
 
     def statistics(self) -> float:
@@ -282,14 +290,9 @@ class _CostModel:
 
 
 def _calibration(model, method, example_inputs, calibration, num_samples, seq_len, notes) -> Calibration:
-    # transformers' causal LMs return a cache object (DynamicCache) from forward by default, which
-    # capture cannot return; until capture handles it (issue 14), the calibration calls ask for no
-    # cache when the model's forward takes `use_cache` and the data does not set it.
-    try:
-        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        accepts_cache = False
-    extra = {"use_cache": False} if accepts_cache else {}
+    # A transformers causal LM left with use_cache on is fine: capture traces it without the cache
+    # object, and the reference/evaluation calls of the model itself read the logits, not the cache.
+    extra: dict[str, Any] = {}
     try:
         device = next(model.parameters()).device
     except StopIteration:

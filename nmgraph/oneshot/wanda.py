@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-import nmgraph
 from nmgraph.errors import ShapeError
+from nmgraph.pattern import nm_mask
 
 __all__ = ["wanda_prune", "wanda_score"]
 
@@ -42,5 +42,5 @@ def wanda_prune(weight: torch.Tensor, sq_norms: torch.Tensor, pattern) -> tuple[
     >>> keep.tolist(), w.tolist()
     ([[False, False, True, True]], [[0.0, 0.0, 2.0, 1.0]])
     """
-    keep = nmgraph.nm_mask(weight, pattern, score=wanda_score(weight, sq_norms), axis=1)
+    keep = nm_mask(weight, pattern, score=wanda_score(weight, sq_norms), axis=1)
     return weight * keep, keep

@@ -8,7 +8,9 @@ prepared graph's hard-mask forward. When no mask node is left, the mask state su
 removed too.
 
 The fold writes into the weight tensors themselves (the model's own Parameters, shared through
-capture), so the model outside the graph becomes N:M as well.
+capture), so the model outside the graph becomes N:M as well. Every mask node is checked (pattern,
+weight read directly, hard mask N:M) before the first weight is written, so a bad mask raises with
+nothing folded; :func:`nmgraph.convert` also undoes the writes if the call fails later.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 from torch import fx
 
 from nmgraph.errors import PlanError, UnsupportedError, VerificationError
-from nmgraph.masking import MASK_OP, MaskState
+from nmgraph.graph import fetch_attr
+from nmgraph.masking import MASK_OP, MaskState, SparsityState
 from nmgraph.passes.insert_masks import MaskNodeInfo
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern, is_nm
-from nmgraph.schedule import SparsityState
 
 __all__ = ["FoldMasksConfig", "fold_masks", "mask_nodes"]
 
@@ -48,12 +50,6 @@ def mask_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is MASK_OP]
 
 
-def _fetch(gm: torch.nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> MaskNodeInfo:
     info = node.meta.get("nmgraph")
@@ -61,7 +57,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> MaskNodeInfo:
         return info
     hard = node.args[2]
     if isinstance(hard, fx.Node) and hard.op == "get_attr":
-        owner = _fetch(gm, hard.target.rpartition(".")[0])
+        owner = fetch_attr(gm, hard.target.rpartition(".")[0])
         weight = node.args[0]
         if isinstance(owner, MaskState) and isinstance(weight, fx.Node) and weight.op == "get_attr":
             return MaskNodeInfo(weight.target, hard.target.rpartition(".")[0], owner.axis, owner.target)
@@ -83,7 +79,11 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
     graph = gm.graph
     result = PassResult(gm)
     folded: dict[str, Pattern] = {}
+    axes: dict[str, int] = {}
     states: set[str] = set()
+    # 1. check every mask node before any weight changes (a bad second mask must not leave the first folded)
+    rewrites: list[tuple[fx.Node, fx.Node]] = []
+    writes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for node in mask_nodes(gm):
         info = _describe(gm, node)
         wnode, hnode = node.args[0], node.args[2]
@@ -97,18 +97,24 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
                 f"Mask of {info.weight!r} (node {node.name}) targets {info.pattern}, but convert was asked "
                 f"for {config.pattern}. Pass pattern={str(info.pattern)!r} (or None) to fold it."
             )
-        weight = _fetch(gm, wnode.target)
-        hard = _fetch(gm, hnode.target)
-        if wnode.target not in folded:
-            with torch.no_grad():
-                weight.mul_(hard)
-            if config.verify and not is_nm(weight, info.pattern, axis=info.axis):
+        weight = fetch_attr(gm, wnode.target)
+        hard = fetch_attr(gm, hnode.target)
+        if wnode.target not in writes:
+            if config.verify and not is_nm(weight.detach() * hard, info.pattern, axis=info.axis):
                 raise VerificationError(
-                    f"Folded weight {info.weight!r} (node {node.name}) is not {info.pattern} along axis "
-                    f"{info.axis}: its hard mask buffer {hnode.target!r} is not an N:M mask. Was it "
-                    "overwritten? Reload the prepared model's state_dict."
+                    f"Weight {info.weight!r} (node {node.name}) folded with its mask is not {info.pattern} along "
+                    f"axis {info.axis}: its hard mask buffer {hnode.target!r} is not an N:M mask. Was it "
+                    "overwritten? Reload the prepared model's state_dict. Nothing was folded."
                 )
+            writes[wnode.target] = (weight, hard)
             folded[wnode.target] = info.pattern
+            axes[wnode.target] = info.axis
+        rewrites.append((node, wnode))
+    # 2. write the weights, 3. rewrite the graph
+    with torch.no_grad():
+        for weight, hard in writes.values():
+            weight.mul_(hard)
+    for node, wnode in rewrites:
         node.replace_all_uses_with(wnode)
         attr_args = [a for a in node.args if isinstance(a, fx.Node) and a is not wnode]
         graph.erase_node(node)
@@ -123,6 +129,6 @@ def fold_masks(gm: fx.GraphModule, config: FoldMasksConfig | None = None) -> Pas
         if isinstance(getattr(gm, root, None), (SparsityState, torch.nn.Module)):
             gm.delete_submodule(root)
             removed.append(root)
-    result.info.update(folded=list(folded), removed_state=removed)
+    result.info.update(folded=list(folded), axes=axes, patterns=folded, removed_state=removed)
     log.info("folded %d mask nodes into %d weights", len(result.changed_nodes), len(folded))
     return result

@@ -4,7 +4,7 @@ For each eligible weight ``W`` the pass adds ``W~ = nmgraph.masked_weight(W, mas
 grad_mask, lam, hard_mode)`` right after the node that reads ``W`` and points every former user of
 ``W`` at ``W~``. The op's output has ``W``'s shape and dtype, so every consumer computes exactly what
 it did before with ``W`` replaced by the masked weight, and nothing else in the graph changes. The
-mask tensors are buffers of one :class:`nmgraph.schedule.SparsityState` submodule (default name
+mask tensors are buffers of one :class:`nmgraph.masking.SparsityState` submodule (default name
 ``nmgraph_sparsity``), read through ``get_attr`` nodes, so the graph runs in eager mode, under
 ``torch.compile`` and through ``torch.export``, and ``state_dict`` carries the masks and schedule.
 
@@ -22,18 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from nmgraph.analysis.plan import LayerInfo, Skip
 from nmgraph.errors import PlanError, ShapeError
-from nmgraph.masking import MASK_OP, MaskState
+from nmgraph.graph import fetch_attr
+from nmgraph.masking import MASK_OP, STATE_NAME, MaskState, SparsityState, TrainingConfig
 from nmgraph.passes.runner import PassResult
 from nmgraph.pattern import Pattern
-from nmgraph.plan import LayerInfo, Skip
-from nmgraph.schedule import SparsityState, TrainingConfig
 
 __all__ = ["STATE_NAME", "InsertMasksConfig", "MaskNodeInfo", "insert_masks"]
 
 log = logging.getLogger(__name__)
-
-STATE_NAME = "nmgraph_sparsity"
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,6 @@ class MaskNodeInfo:
     axis: int
     pattern: Pattern
 
-
-def _fetch(gm: torch.nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _child_name(weight: str, taken: set[str]) -> str:
@@ -136,7 +128,7 @@ def insert_masks(gm: fx.GraphModule, config: InsertMasksConfig) -> PassResult:
                    "get_attr nodes" if info.name in placeholders else "no get_attr node reads it in this graph")
             skipped.append(Skip(info.name, f"not masked: {why}"))
             continue
-        weight = _fetch(gm, info.name)
+        weight = fetch_attr(gm, info.name)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             skipped.append(Skip(info.name, f"not masked: not a floating-point tensor ({type(weight).__name__})"))
             continue
@@ -163,7 +155,7 @@ def insert_masks(gm: fx.GraphModule, config: InsertMasksConfig) -> PassResult:
 
     bank = SparsityState(config.config, [(child, st) for _, _, st, child in chosen])
     gm.add_submodule(config.state_name, bank)
-    weights = {info.name: _fetch(gm, info.name) for info, _, _, _ in chosen}
+    weights = {info.name: fetch_attr(gm, info.name) for info, _, _, _ in chosen}
     bank.refresh(weights, force=True, scores=config.scores)
 
     lam = float(config.config.penalty)
@@ -187,7 +179,7 @@ def insert_masks(gm: fx.GraphModule, config: InsertMasksConfig) -> PassResult:
                 with graph.inserting_after(cursor):
                     an = graph.get_attr(target)
                 if fake_mode is not None:
-                    _set_val(an, fake_mode.from_tensor(_fetch(gm, target), static_shapes=True))
+                    _set_val(an, fake_mode.from_tensor(fetch_attr(gm, target), static_shapes=True))
                 attr_nodes[buf] = cursor = an
             args = (wnode, attr_nodes["mask"], attr_nodes["hard"], attr_nodes["beta"],
                     attr_nodes["grad_mask"], lam, False)

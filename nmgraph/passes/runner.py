@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import fx
 
-from nmgraph.plan import Skip
+from nmgraph.analysis.plan import Skip
 
 __all__ = ["PassResult", "run_passes"]
 

@@ -207,9 +207,33 @@ def test_real_triton_kernel_with_a_fake_timer():
     pytest.importorskip("triton")
     timer = FakeTimer({"dense": 2e-3, "triton": 1e-3})
     disp = Dispatcher(registry=default_registry(), timer=timer, measure_on_cpu=True)
-    d = disp.decide("fc", _weight(), rows=3)
+    d = disp.decide("fc", _weight(), rows=2)  # fp32 2:4 at 2 rows: the GEMV
     assert d.backend == "triton" and "cusparselt" in d.unavailable
     assert "CUDA" in d.unavailable["cusparselt"]
+    assert timer.calls == ["dense", "triton"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend on CPU tensors")
+def test_backends_are_not_timed_outside_their_rows():
+    # The Triton decode kernels decline prefill sizes, and M >= 3 where the tensor-core kernel has no
+    # fast expansion: the dispatcher does not time them there and keeps the reason.
+    timer = FakeTimer({"dense": 2e-3, "triton": 1e-3})
+    disp = Dispatcher(registry=default_registry(), timer=timer, measure_on_cpu=True)
+    prefill = disp.decide("fc", _weight(), rows=65)
+    assert prefill.backend == "dense" and prefill.key.m_bucket == 128
+    assert "prefill size" in prefill.unavailable["triton"]
+    generic = disp.decide("fc", _weight(), rows=3)  # fp32 2:4: no fast tensor-core path
+    assert generic.backend == "dense" and "no fast expansion for 2:4 float32" in generic.unavailable["triton"]
+    assert timer.calls == ["dense", "dense"]
+
+    class Decode(ExactSparse):
+        def rows_reason(self, weight, dtype, rows):
+            return None if rows <= 16 else "decode only"
+
+    own = _dispatcher(FakeTimer({"dense": 2e-3, "dec": 1e-3}), Decode("dec"))
+    assert own.decide("fc", _weight(), rows=16).backend == "dec"
+    far = own.decide("fc", _weight(), rows=17)
+    assert far.backend == "dense" and far.unavailable == {"dec": "decode only"}
 
 
 def test_argument_validation():

@@ -11,7 +11,7 @@ import torch
 
 import nmgraph
 import nmgraph.oneshot.sequential as sequential_mod
-from nmgraph.errors import PlanError, StrictModeError
+from nmgraph.errors import ArgumentError, StrictModeError
 from nmgraph.oneshot import CalibrationError
 from tests.oneshot import models
 
@@ -80,9 +80,13 @@ def test_report_summary_comes_first_and_round_trips_through_json():
 def test_model_keeps_its_hf_methods_and_loss_is_reported():
     torch.manual_seed(0)
     model = models.llama()
-    cal = [{"input_ids": t.unsqueeze(0), "labels": t.unsqueeze(0)} for t in models.tokens(6)]
+    assert model.config.use_cache  # a stock causal LM: capture traces it without the cache object
+    cal = [{"input_ids": t.unsqueeze(0), "attention_mask": torch.ones(1, t.numel(), dtype=torch.long),
+            "labels": t.unsqueeze(0)} for t in models.tokens(6)]
     report = nmgraph.sparsify(model, "2:4", method="wanda", calibration=cal, permute=False)
     assert report.loss_dense is not None and report.loss_sparse is not None
+    assert report.loss_sparse != report.loss_dense and model.config.use_cache
+    assert all(nmgraph.is_nm(model.get_parameter(x.name), "2:4", axis=x.axis) for x in report.layers)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
 
@@ -121,13 +125,13 @@ def test_magnitude_needs_only_example_inputs():
 def test_bad_arguments_raise_typed_errors_and_leave_the_model_alone():
     model = models.llama()
     snap = _snapshot(model)
-    with pytest.raises(PlanError, match="valid methods: 'magnitude', 'wanda', 'sparsegpt'"):
+    with pytest.raises(ArgumentError, match="valid methods: 'magnitude', 'wanda', 'sparsegpt'"):
         nmgraph.sparsify(model, "2:4", method="obs", calibration=models.tokens(2))
     with pytest.raises(CalibrationError, match="does not tokenize"):
         nmgraph.sparsify(model, "2:4", method="wanda", calibration="def f(): pass")
     with pytest.raises(CalibrationError, match="needs calibration="):
         nmgraph.sparsify(model, "2:4", method="sparsegpt")
-    with pytest.raises(PlanError, match="time_limit must be"):
+    with pytest.raises(ArgumentError, match=r"sparsify\(time_limit=-1\)"):
         nmgraph.sparsify(model, "2:4", calibration=models.tokens(2), time_limit=-1)
     with pytest.raises(nmgraph.PatternError):
         nmgraph.sparsify(model, "4:2", calibration=models.tokens(2))
@@ -184,17 +188,21 @@ def test_a_permutation_that_changes_a_bf16_model_is_caught_and_undone(monkeypatc
     model = models.llama().to(torch.bfloat16)
     snap = _snapshot(model)
 
-    def consumers_only(gm, plan, perms=None, **_):  # forgets every producer: the function changes
-        for gid, perm in perms.items():
-            g = plan.group(gid)
-            for name in g.consumers:
-                axis = plan.layer(name).axis
-                w = gm.get_parameter(name)
-                if w.shape[axis] == perm.numel():
-                    with torch.no_grad():
-                        w.copy_(w.index_select(axis, perm))
+    def consumers_only(gm, group, perm):  # a coupling the analysis "missed": the producers stay put
+        for name in group.consumers:
+            m = next(x for x in group.members if x.name == name)
+            w = gm.get_parameter(name)
+            if w.shape[m.axis] == perm.numel():
+                with torch.no_grad():
+                    w.copy_(w.index_select(m.axis, perm))
 
-    monkeypatch.setattr(nmgraph, "permute", consumers_only)
+    def permute(gm, plan, perms=None, **_):
+        for gid, perm in perms.items():
+            consumers_only(gm, plan.group(gid), perm)
+
+    module = importlib.import_module("nmgraph.oneshot.sparsify")
+    monkeypatch.setattr(module, "permute_channels", permute)
+    monkeypatch.setattr(module, "apply_permutation", consumers_only)  # the undo inverts what was done
     with pytest.raises(nmgraph.VerificationError, match="changed the model's main output"):
         nmgraph.sparsify(model, "2:4", method="magnitude", calibration=models.tokens(4), search="random")
     _assert_same(model, snap)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nmgraph.schedule import SparsityState
+from nmgraph.masking.state import SparsityState
 
 __all__ = ["SADTracker"]
 

@@ -1,4 +1,4 @@
-"""Batched tensor kernels behind :mod:`nmgraph.permutation_search`.
+"""Batched tensor kernels behind :mod:`nmgraph.search.permutation`.
 
 Layout: a score matrix ``X [R, C]`` (rows, channel positions); stripe ``s`` is positions
 ``s*m .. s*m+m-1``, i.e. ``X.view(R, -1, m)[:, s]``.

@@ -10,7 +10,7 @@ first. It then
 3. runs onnxruntime on the example inputs and compares every output with PyTorch
    (``|ort - torch| <= atol + rtol * |torch|``; defaults in :data:`TOLERANCES`), and with
    ``dynamic_batch=True`` also at batch size + 1;
-4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.onnx_check.check_onnx`) and lists
+4. reads the ONNX graph the way TensorRT does (:func:`nmgraph.exporters.onnx_check.check_onnx`) and lists
    the eligible weights and every weight whose pattern was lost in export, with the reason.
 
 ``fp16=True`` exports a float16 copy of the model (the caller's model is not touched) and compares
@@ -34,6 +34,10 @@ from typing import Any
 
 import torch
 
+from nmgraph.analysis import analyze
+from nmgraph.analysis.eligibility import gemm_weight_axes, module_gemm_axes
+from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.capture import batch_dynamic_shapes, capture, set_eval
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -43,9 +47,13 @@ from nmgraph.errors import (
     UnsupportedError,
     VerificationError,
 )
-from nmgraph.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm
+from nmgraph.exporters import tensorrt as trt
+from nmgraph.exporters.onnx_check import OnnxSparsityReport, check_onnx, diagnose_nm, parameter_aliases
+from nmgraph.graph import fetch_attr
+from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
+from nmgraph.passes.runner import run_passes
 from nmgraph.pattern import Pattern, PatternLike, is_nm
-from nmgraph.plan import Skip, SparsityPlan
+from nmgraph.rollback import Rollback
 
 __all__ = ["FORMATS", "TOLERANCES", "ExportReport", "export", "sparse_weight_axes"]
 
@@ -62,9 +70,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 _DEFAULT_TORCHSCRIPT_OPSET = 17
-_LINEAR_OPS = ("linear",)
-_KN_OPS = ("addmm", "mm", "matmul")
-_CONV_OPS = ("convolution", "conv1d", "conv2d", "conv3d")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,10 @@ class ExportReport:
     exporter_fallback: str | None = None
     engine_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def eligible(self) -> tuple[str, ...]:
@@ -119,6 +128,10 @@ class ExportReport:
             "opset": self.opset,
             "fp16": self.fp16,
             "dynamic_batch": self.dynamic_batch,
+            "dynamic_axes": {k: dict(v) for k, v in self.dynamic_axes.items()},
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "notes": list(self.notes),
             "onnx_path": self.onnx_path,
             "engine_path": self.engine_path,
             "converted": self.converted,
@@ -156,34 +169,31 @@ class ExportReport:
 
 
 def sparse_weight_axes(
-    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None
+    model: torch.nn.Module, pattern: PatternLike, plan: SparsityPlan | None = None, *,
+    example_inputs: Any = None, kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, int], list[Skip]]:
     """The weights that can be N:M (``{name: reduction axis}``) and those that cannot, with reasons.
 
-    With a plan: its layers and skips. Otherwise from the model itself: ``nn.Linear`` weights
-    (axis 1), ``ConvNd`` weights (axis 1, input channels), transformers' ``Conv1D`` (axis 0), and
-    in a captured GraphModule the weights read by ``aten.linear`` (axis 1), ``addmm``/``mm``/
-    ``matmul`` (axis 0) and convolutions (axis 1). A weight whose reduction size is not divisible
-    by M is a skip. Tied weights are listed once, under their first name.
+    With a plan: its layers and skips. Otherwise the analysis' own reading of the GEMM weights
+    (:func:`nmgraph.analysis.eligibility.gemm_weight_axes`) on ``model`` when it is a captured graph,
+    or on ``model`` captured with ``example_inputs``; only without either, the module types nmgraph
+    can recognise (:func:`~nmgraph.analysis.eligibility.module_gemm_axes`). A weight whose reduction
+    size is not divisible by M is a skip. Tied weights are listed once, under their first name.
     """
     p = Pattern.parse(pattern)
     if plan is not None:
         return {info.name: info.axis for info in plan.layers}, list(plan.skipped)
-    found: dict[str, int] = {}
-    conv1d = _hf_conv1d_class()
-    for mname, mod in model.named_modules():
-        axis = None
-        if isinstance(mod, torch.nn.Linear) or (isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed):
-            axis = 1
-        elif conv1d is not None and isinstance(mod, conv1d):
-            axis = 0
-        w = getattr(mod, "weight", None)
-        if axis is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
-            found.setdefault(f"{mname}.weight" if mname else "weight", axis)
-    if isinstance(model, torch.fx.GraphModule):
-        for name, axis in _graph_weight_axes(model).items():
-            found.setdefault(name, axis)
-    aliases = _aliases(model)
+    found = module_gemm_axes(model)
+    graph = model if isinstance(model, torch.fx.GraphModule) else None
+    if graph is None and example_inputs is not None:
+        graph = capture(model, example_inputs, kwargs)
+    if graph is not None:
+        try:
+            found = gemm_weight_axes(graph)
+        except UnsupportedError:  # a graph without shape metadata (symbolic_trace): module types only
+            log.info("sparse_weight_axes: %s has no shape metadata; GEMM weights by module type",
+                     type(model).__name__)
+    aliases = parameter_aliases(model)
     out: dict[str, int] = {}
     skips: list[Skip] = []
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -210,7 +220,7 @@ def export(
     plan: SparsityPlan | None = None,
     opset: int | None = None,
     fp16: bool = False,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool | None = None,
     exporter: str = "auto",
     convert: bool | str = "auto",
     verify: bool = True,
@@ -229,6 +239,13 @@ def export(
     ``convert``: ``"auto"`` runs :func:`nmgraph.convert` only when no candidate weight is N:M yet;
     ``True`` always, ``False`` never. ``strict=True`` raises :class:`StrictModeError` when a weight
     the plan or the model holds as N:M is not eligible in the ONNX graph.
+
+    A transformers model called with token ids (a language model or a text classifier) is exported
+    as it is served: inputs ``input_ids`` and ``attention_mask`` (all ones when not given), dynamic
+    batch and sequence axes (``dynamic_batch=None`` means yes for such a model, no for others), no
+    KV cache, and the first output under its own name (``logits``). A bf16 model is exported in
+    bf16; onnxruntime has no bf16 CPU kernels, so the numerical check runs on a float32 export of
+    the same model and ``report.notes`` says so.
     Raises :class:`VerificationError` when onnxruntime's outputs differ from PyTorch's beyond
     ``rtol``/``atol`` (defaults by dtype in :data:`TOLERANCES`).
     """
@@ -249,10 +266,7 @@ def export(
         raise UnsupportedError(
             f"export() needs a torch.nn.Module or GraphModule, got {type(model_or_gm).__name__}."
         )
-    trt = None
     if format == "tensorrt":
-        from nmgraph import tensorrt as trt
-
         trt.require_tensorrt()
     _require_onnx()
     path = Path(path)
@@ -263,104 +277,139 @@ def export(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(kwargs or {})
-    seconds: dict[str, float] = {}
-
-    module = model_or_gm
-    axes, skips = sparse_weight_axes(module, p, plan)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    converted = False
-    convert_meta: Mapping[str, Any] = {}
-    if convert is True or (convert == "auto" and nm and not any(nm.values())):
-        t0 = time.perf_counter()
-        converted_gm = _run_convert(module, args, kwargs, p, plan)
-        seconds["convert"] = time.perf_counter() - t0
-        convert_meta = getattr(converted_gm, "meta", {}).get("nmgraph_convert", {})
-        # convert prunes the model's own parameters in place: export the model itself (its module
-        # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
-        if not _shares_parameters(converted_gm, module):
-            module = converted_gm
-        converted = True
-        axes, skips = sparse_weight_axes(module, p, plan)
+    notes: list[str] = []
+    served = _language_model_inputs(model_or_gm, args, kwargs)
+    dynamic_shapes = None
+    if served is not None:
+        args, kwargs, names, out_name = served
+        dynamic_batch = True if dynamic_batch is None else dynamic_batch
+        input_names = input_names or names
+        output_names = output_names or (out_name,)
+        if dynamic_batch:
+            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+            dynamic_shapes = _named_shapes(model_or_gm, {n: ({0: batch, 1: seq} if n in names else None)
+                                                         for n in kwargs})
+        notes.append(f"exported as served: inputs {', '.join(names)}, output {out_name!r}, no KV cache"
+                     + (", dynamic batch and sequence" if dynamic_batch else ""))
+    dynamic_batch = bool(dynamic_batch)
+    if dynamic_batch and dynamic_shapes is None and exporter in ("auto", "dynamo"):
+        batch_dynamic_shapes(model_or_gm, args, kwargs)  # refuses inputs it cannot match, before any change
+    # convert prunes the model's own weights and the export sets eval mode: on any failure, undo both
+    with Rollback() as undo:
+        undo.keep_module(model_or_gm)
+        seconds: dict[str, float] = {}
+        module = model_or_gm
+        axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
         params = dict(module.named_parameters(remove_duplicate=False))
         nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
-    model_dense = list(skips)
-    violations: list[Skip] = []
-    left_dense = {s.name: s.reason for s in convert_meta.get("skipped", ())}
-    for name, ok in nm.items():
-        if ok:
-            continue
-        why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
-               f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
-        skip = Skip(name, why)
-        model_dense.append(skip)
-        if plan is not None:
-            violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
-    missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
-    if missing:
-        raise PlanError(
-            f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
-        )
+        converted = False
+        left_dense: dict[str, str] = {}
+        if convert is True or (convert == "auto" and nm and not any(nm.values())):
+            t0 = time.perf_counter()
+            converted_gm, convert_plan = _run_convert(module, args, kwargs, p, plan, undo)
+            seconds["convert"] = time.perf_counter() - t0
+            left_dense = {s.name: s.reason for s in convert_plan.skipped}
+            # convert prunes the model's own parameters in place: export the model itself (its module
+            # hierarchy names the ONNX nodes) unless the graph holds tensors the model does not.
+            if not _shares_parameters(converted_gm, module):
+                module = converted_gm
+            converted = True
+            axes, skips = sparse_weight_axes(module, p, plan, example_inputs=args, kwargs=kwargs)
+            params = dict(module.named_parameters(remove_duplicate=False))
+            nm = {name: is_nm(params[name], p, axis=axis) for name, axis in axes.items() if name in params}
+        model_dense = list(skips)
+        violations: list[Skip] = []
+        for name, ok in nm.items():
+            if ok:
+                continue
+            why = (f"left dense by convert: {left_dense[name]}" if name in left_dense else
+                   f"in the model, {diagnose_nm(params[name], p, axes[name]).reason}")
+            skip = Skip(name, why)
+            model_dense.append(skip)
+            if plan is not None:
+                violations.append(Skip(name, skip.reason + "; the plan lists it as eligible: run nmgraph.convert"))
+        missing = [info.name for info in plan.layers if info.name not in params] if plan is not None else []
+        if missing:
+            raise PlanError(
+                f"The plan lists weights the model does not have: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}. Pass the plan made for this model."
+            )
 
-    export_module, export_args, export_kwargs = module, args, kwargs
-    if fp16:
-        export_module = copy.deepcopy(module).to(torch.float16)
-        export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
-    _set_eval(export_module)
-    t0 = time.perf_counter()
-    used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
-                              dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
-                              output_names=output_names)
-    seconds["export"] = time.perf_counter() - t0
-    onnx_opset = _check_model(onnx_path)
-
-    diffs: tuple[float, ...] = ()
-    tol = None
-    if verify:
+        export_module, export_args, export_kwargs = module, args, kwargs
+        if fp16:
+            export_module = copy.deepcopy(module).to(torch.float16)
+            export_args, export_kwargs = _cast_floats((args, kwargs), torch.float16)
+        set_eval(export_module)
         t0 = time.perf_counter()
-        dtype = torch.float16 if fp16 else _model_dtype(module)
-        default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-        tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
-        diffs = _verify(export_module, export_args, export_kwargs, onnx_path, tol, dynamic_batch)
-        seconds["verify"] = time.perf_counter() - t0
+        used, fallback = _to_onnx(export_module, export_args, export_kwargs, onnx_path, opset=opset,
+                                  dynamic_batch=dynamic_batch, exporter=exporter, input_names=input_names,
+                                  output_names=output_names, dynamic_shapes=dynamic_shapes)
+        seconds["export"] = time.perf_counter() - t0
+        if served is not None and dynamic_batch:
+            _name_dims(onnx_path, "input_ids", ("batch", "seq"))
+        onnx_opset = _check_model(onnx_path)
 
-    t0 = time.perf_counter()
-    expected = {name for name, ok in nm.items() if ok}
-    check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
-    seconds["check"] = time.perf_counter() - t0
-    report = ExportReport(
-        path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
-        dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
-        model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
-        tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
-    )
-    if strict and report.lost:
-        raise StrictModeError(
-            f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
-            + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
-        )
-    for s in violations:
-        log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
-    if trt is not None:
+        diffs: tuple[float, ...] = ()
+        tol = None
+        if verify:
+            t0 = time.perf_counter()
+            dtype = torch.float16 if fp16 else _model_dtype(module)
+            check_module, check_args, check_kwargs, check_path = export_module, export_args, export_kwargs, onnx_path
+            scratch = None
+            if dtype == torch.bfloat16:  # onnxruntime has no bf16 CPU kernels: check a float32 export
+                import tempfile
+
+                scratch = tempfile.TemporaryDirectory(prefix="nmgraph-onnx-check-")
+                check_path = Path(scratch.name) / "float32.onnx"
+                check_module = copy.deepcopy(export_module).to(torch.float32)
+                check_args, check_kwargs = _cast_floats((export_args, export_kwargs), torch.float32)
+                _to_onnx(check_module, check_args, check_kwargs, check_path, opset=opset, dynamic_batch=dynamic_batch,
+                         exporter=used, input_names=input_names, output_names=output_names,
+                         dynamic_shapes=dynamic_shapes)
+                dtype = torch.float32
+                notes.append("onnxruntime has no bfloat16 CPU kernels: the numerical check ran on a float32 "
+                             "export of the same model; the file keeps the bfloat16 weights")
+            default = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+            tol = (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+            try:
+                diffs = _verify(check_module, check_args, check_kwargs, check_path, tol, dynamic_batch)
+            finally:
+                if scratch is not None:
+                    scratch.cleanup()
+            seconds["verify"] = time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
-                                  dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
-        seconds["tensorrt"] = time.perf_counter() - t0
-        report = _replace(report, engine_path=str(engine))
-    log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
-             len(check.dense))
-    return report
+        expected = {name for name, ok in nm.items() if ok}
+        check = check_onnx(onnx_path, p, expected=expected, reference=export_module)
+        seconds["check"] = time.perf_counter() - t0
+        report = ExportReport(
+            path=str(path), format=format, pattern=p, exporter=used, opset=onnx_opset, fp16=fp16,
+            dynamic_batch=dynamic_batch, check=check, onnx_path=str(onnx_path), converted=converted,
+            model_dense=tuple(model_dense), plan_violations=tuple(violations), max_abs_diff=diffs,
+            tolerance=tol, verified=verify, exporter_fallback=fallback, seconds=seconds,
+            input_names=tuple(i.name for i in _onnx_io(onnx_path)[0]),
+            output_names=tuple(o.name for o in _onnx_io(onnx_path)[1]),
+            dynamic_axes=_onnx_dynamic_axes(onnx_path), notes=tuple(notes),
+        )
+        if strict and report.lost:
+            raise StrictModeError(
+                f"strict=True: {len(report.lost)} weight(s) meant to be {p} will run dense in TensorRT:\n"
+                + "\n".join(f"  - {s.name}: {s.reason}" for s in report.lost)
+            )
+        for s in violations:
+            log.warning("weight %s is in the plan but not %s in the model: %s", s.name, p, s.reason)
+        if format == "tensorrt":
+            t0 = time.perf_counter()
+            engine = trt.build_engine(onnx_path, path, fp16=fp16, example_inputs=export_args,
+                                      dynamic_batch=dynamic_batch, **dict(tensorrt_options or {}))
+            seconds["tensorrt"] = time.perf_counter() - t0
+            report = _replace(report, engine_path=str(engine))
+        log.info("exported %s: %d eligible, %d lost, %d dense", path, len(check.eligible), len(report.lost),
+                 len(check.dense))
+        return report
 
 
 # --- steps ---------------------------------------------------------------------------------------
-
-
-def _set_eval(module: torch.nn.Module) -> None:
-    try:
-        module.eval()
-    except NotImplementedError:  # torch.export's module() refuses eval(); set the flags directly
-        torch.nn.Module.train(module, False)
 
 
 def _replace(report: ExportReport, **changes: Any) -> ExportReport:
@@ -379,31 +428,16 @@ def _require_onnx() -> None:
             ) from e
 
 
-def _optional(module: str, attr: str) -> Any:
-    """``module.attr`` if that nmgraph module exists, else ``None`` (it may not be installed yet)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
-def _run_convert(module, args, kwargs, p: Pattern, plan) -> torch.nn.Module:
-    convert_fn = _optional("nmgraph.training", "convert")
-    if convert_fn is None:
-        raise UnsupportedError(
-            f"No weight of {type(module).__name__} is {p} yet and nmgraph.convert is not available "
-            f"in this install. Prune first (w.mul_(nmgraph.nm_mask(w, '{p}')) on every Linear/Conv "
-            "weight) or install the full nmgraph."
-        )
-    from nmgraph.capture import capture
-
+def _run_convert(module: torch.nn.Module, args: tuple, kwargs: dict, p: Pattern,
+                 plan: SparsityPlan | None, undo: Rollback) -> tuple[torch.fx.GraphModule, SparsityPlan]:
+    """Prunes ``module`` (its own parameters, through a captured graph) to ``p``; returns the graph and plan.
+    The pruned tensors are recorded in ``undo`` first."""
     gm = module if isinstance(module, torch.fx.GraphModule) else capture(module, args, kwargs)
-    extra = {"plan": plan} if plan is not None and _accepts(convert_fn, "plan") else {}
-    out = convert_fn(gm, pattern=p, **extra)
-    return getattr(out, "gm", out)
+    plan = plan if plan is not None else analyze(gm, p)
+    config = PruneWeightsConfig(plan)
+    undo.keep_tensors(t for t in (fetch_attr(gm, info.name) for info in plan.layers) if isinstance(t, torch.Tensor))
+    run_passes(gm, (prune_weights,), config)
+    return gm, plan
 
 
 def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
@@ -412,15 +446,6 @@ def _shares_parameters(gm: torch.nn.Module, model: torch.nn.Module) -> bool:
         return True
     own = dict(model.named_parameters(remove_duplicate=False))
     return all(own.get(name) is t for name, t in gm.named_parameters(remove_duplicate=False))
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -438,89 +463,21 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
     )
 
 
-def _hf_conv1d_class() -> type | None:
-    import sys
-
-    if "transformers" not in sys.modules:
-        return None  # nothing can be an instance of it
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _graph_weight_axes(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """Weights read directly (``get_attr``) by GEMM / conv nodes of a captured graph."""
-    aten = torch.ops.aten
-    rules: dict[Any, tuple[int, int]] = {}  # op -> (weight arg index, reduction axis)
-    for name in _LINEAR_OPS:
-        rules[getattr(aten, name).default] = (1, 1)
-    rules[aten.addmm.default] = (2, 0)
-    rules[aten.mm.default] = (1, 0)
-    rules[aten.matmul.default] = (1, 0)
-    for name in _CONV_OPS:
-        op = getattr(aten, name)
-        for overload in op.overloads():
-            rules[getattr(op, overload)] = (1, 1)
-    out: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in rules:
-            continue
-        idx, axis = rules[node.target]
-        if len(node.args) <= idx:
-            continue
-        w = node.args[idx]
-        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-            continue
-        if node.target is aten.convolution.default and len(node.args) > 6 and node.args[6]:
-            continue  # transposed convolution
-        out.setdefault(str(w.target), axis)
-    return out
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, str]:
-    from nmgraph.onnx_check import parameter_aliases
-
-    return parameter_aliases(model)
-
-
 def _flat_tensors(tree: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree
 
     return [x for x in _pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    from torch.utils import _pytree
-
-    batch = torch.export.Dim("batch", min=1)
-
-    def spec(x: Any) -> Any:
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
-
-    if not kwargs:
-        return tuple(_pytree.tree_map(spec, a) for a in args)
-    import inspect
-
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise UnsupportedError(
-            f"dynamic_batch=True: cannot match the example inputs to {type(module).__name__}.forward's "
-            f"parameters ({e}); pass all inputs positionally."
-        ) from e
-    return {k: _pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
-
-
 def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter, input_names,
-             output_names) -> tuple[str, str | None]:
+             output_names, dynamic_shapes=None) -> tuple[str, str | None]:
     """Runs the exporter(s); returns the one used and why the dynamo exporter was not (if so)."""
     failures: list[str] = []
     if exporter in ("auto", "dynamo"):
         try:
-            dynamic_shapes = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
-            with torch.no_grad():
+            if dynamic_shapes is None and dynamic_batch:
+                dynamic_shapes = batch_dynamic_shapes(module, args, kwargs)
+            with torch.no_grad(), _quiet_exporter():
                 program = torch.onnx.export(
                     module, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
                     dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
@@ -542,6 +499,8 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
     n_inputs = len(_flat_tensors((args, kwargs)))
     names = list(input_names) if input_names else [f"input_{i}" for i in range(n_inputs)]
     dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    if dynamic_axes is not None and isinstance(dynamic_shapes, Mapping):  # served LM: sequence axis too
+        dynamic_axes = {n: {0: "batch", 1: "seq"} for n in names}
     try:
         import warnings
 
@@ -570,6 +529,107 @@ def _to_onnx(module, args, kwargs, path: Path, *, opset, dynamic_batch, exporter
             + f"\nTry: {hint}."
         ) from e
     return "torchscript", (failures[0] if failures else None)
+
+
+def _language_model_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """``(args, kwargs, input names, output name)`` to export a transformers model called with token
+    ids as it is served (ids and attention mask, no cache, a plain tuple out); ``None`` for others."""
+    if isinstance(module, torch.fx.GraphModule) or not hasattr(module, "config") or not hasattr(module, "forward"):
+        return None
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "input_ids" not in params or "attention_mask" not in params:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    extra = [k for k in kwargs if k not in ("input_ids", "attention_mask", "use_cache", "return_dict")]
+    if len(args) > 1 or extra:
+        return None  # other inputs: exported as given
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        out = module(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True) if (
+            "use_cache" in params) else module(input_ids=ids, attention_mask=mask, return_dict=True)
+    first = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None) if hasattr(out, "items") else None
+    if first is None:
+        return None
+    served = {"input_ids": ids, "attention_mask": mask}
+    if "use_cache" in params:
+        served["use_cache"] = False
+    return (), served, ("input_ids", "attention_mask"), first
+
+
+def _named_shapes(module: torch.nn.Module, specs: Mapping[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` keyed as torch.export wants them: by the forward's parameter names, with
+    the inputs that land in a ``**kwargs`` parameter under that parameter's name."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind(**specs)
+    return dict(bound.arguments)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's progress lines and third-party deprecation warnings off for the export (the
+    export's own errors still raise); logging levels restored after."""
+    import io
+    import warnings
+
+    names = ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def _name_dims(path: Path, reference: str, names: Sequence[str]) -> None:
+    """Gives the symbolic dimensions of input ``reference`` the ``names`` (``batch``, ``seq``) wherever
+    they appear in the graph's inputs, outputs and value infos (the exporter numbers them ``s0``...)."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    ref = next((v for v in model.graph.input if v.name == reference), None)
+    if ref is None:
+        return
+    rename = {d.dim_param: n for d, n in zip(ref.type.tensor_type.shape.dim, names) if d.dim_param}
+    if not rename:
+        return
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+    onnx.save(model, os.fspath(path))
+
+
+def _onnx_io(path: Path) -> tuple[list, list]:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return list(model.graph.input), list(model.graph.output)
+
+
+def _onnx_dynamic_axes(path: Path) -> dict[str, dict[int, str]]:
+    """``{input or output name: {axis: symbolic size}}`` of the ONNX graph."""
+    inputs, outputs = _onnx_io(path)
+    out: dict[str, dict[int, str]] = {}
+    for v in [*inputs, *outputs]:
+        dims = {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+        if dims:
+            out[v.name] = dims
+    return out
 
 
 @contextlib.contextmanager
@@ -651,8 +711,16 @@ def _compare(module, args, kwargs, session, tol, what: str) -> list[float]:
             f"example inputs hold {len(feeds_t)} tensors; pass inputs exactly as the model is called."
         )
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_t)}
-    with torch.no_grad():
-        ref = _flat_tensors(module(*args, **kwargs))
+    try:
+        with torch.no_grad():
+            ref = _flat_tensors(module(*args, **kwargs))
+    except Exception as e:
+        raise VerificationError(
+            f"The PyTorch model itself fails on {what} ({type(e).__name__}: {_first_line(e)}), so the "
+            "export cannot be verified there"
+            + ("; the model does not run at another batch size: export with dynamic_batch=False."
+               if "batch size + 1" in what else ".")
+        ) from e
     got = session.run(None, feeds)
     if len(got) != len(ref):
         raise VerificationError(

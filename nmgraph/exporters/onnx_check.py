@@ -25,6 +25,7 @@ the faster one (its build log / engine inspector says which it chose).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmgraph.errors import SerializationError, UnsupportedError
+from nmgraph.errors import BackendUnavailableError, SerializationError, UnsupportedError
 from nmgraph.pattern import Pattern, PatternLike, group_view
 
 __all__ = [
@@ -128,7 +129,10 @@ class OnnxLayer:
 
     ``name`` is the PyTorch parameter name when it could be recovered (see ``name_source``),
     ``shape`` and ``axis`` describe the tensor *as the node reads it* (after any Transpose it went
-    through, listed in ``path``), ``onnx_shape`` the stored initializer.
+    through, listed in ``path``), ``onnx_shape`` the stored initializer. A weight read by several
+    nodes (a loop unrolled in export reads one weight at every step) is one entry: ``reads`` counts
+    the nodes, ``node`` is the first of those with the entry's status (the worst of the reads:
+    lost, then dense, then eligible).
     """
 
     name: str
@@ -142,6 +146,7 @@ class OnnxLayer:
     axis: int | None = None
     path: tuple[str, ...] = ()
     name_source: str = ""
+    reads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +161,7 @@ class OnnxLayer:
             "axis": self.axis,
             "path": list(self.path),
             "name_source": self.name_source,
+            "reads": self.reads,
         }
 
 
@@ -208,9 +214,10 @@ class OnnxSparsityReport:
         width = max([len(x.name) for x in self.layers] + [6])
         for layer in self.layers:
             shape = "x".join(map(str, layer.shape)) or "-"
+            reads = f" (read by {layer.reads} nodes)" if layer.reads > 1 else ""
             lines.append(
                 f"  {layer.status.value:<8}  {layer.name:<{width}}  {layer.op or '-':<6} {shape:<14} "
-                f"{layer.reason}"
+                f"{layer.reason}{reads}"
             )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -295,12 +302,32 @@ def check_onnx(
                 "constant weight (fused into another op, computed at run time, or exported under a "
                 "name nmgraph could not match); TensorRT will run it dense",
             ))
+    layers = _one_per_weight(layers)
     if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
         notes.append("the graph has If/Loop/Scan subgraphs; weights inside them were not inspected")
     for layer in layers:
         if layer.status is LayerStatus.LOST:
             log.warning("N:M pattern lost in ONNX export: %s (%s): %s", layer.name, layer.node, layer.reason)
     return OnnxSparsityReport(p, tuple(layers), tuple(notes))
+
+
+_SEVERITY = {LayerStatus.LOST: 0, LayerStatus.DENSE: 1, LayerStatus.ELIGIBLE: 2}
+
+
+def _one_per_weight(layers: list[OnnxLayer]) -> list[OnnxLayer]:
+    """One entry per weight, in order of first read: the worst status of its reads, with ``reads``."""
+    by_name: dict[str, list[OnnxLayer]] = {}
+    for layer in layers:
+        by_name.setdefault(layer.name, []).append(layer)
+    out = []
+    for reads in by_name.values():
+        worst = min(reads, key=lambda x: _SEVERITY[x.status])
+        if len(reads) > 1:
+            same = sum(x.status is worst.status for x in reads)
+            note = "" if same == len(reads) else f" ({same} of its {len(reads)} reads)"
+            worst = dataclasses.replace(worst, reason=worst.reason + note, reads=len(reads))
+        out.append(worst)
+    return out
 
 
 # --- graph walking -----------------------------------------------------------------------------
@@ -592,7 +619,6 @@ def _import_onnx():
     try:
         import onnx
     except ImportError as e:
-        from nmgraph.errors import BackendUnavailableError
 
         raise BackendUnavailableError(
             "Checking ONNX graphs needs the onnx package: pip install 'nmgraph[onnx]'."
