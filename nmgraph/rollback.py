@@ -12,8 +12,11 @@ the log puts back, in reverse order:
   reinstalled and recompiled), ``gm.meta``, and for every submodule its child modules, parameters,
   buffers and ``training`` flag, and attributes set on the instance.
 
-The copies live on the CPU (the device memory a call needs does not grow by the model's size); a
-call keeps them only until it returns.
+The copies live on the CPU (the device memory a call needs does not grow by the model's size) in a
+:class:`TensorStore`: in memory up to ``memory_bytes`` (default :data:`MEMORY_BYTES`), beyond that
+in files of a private temporary directory, read back memory-mapped one tensor at a time, so undoing
+a call on a model larger than the memory left never needs a second copy of the model in RAM. A call
+keeps them only until it returns (the directory is removed then).
 
 >>> lin = torch.nn.Linear(4, 4)
 >>> before = lin.weight.detach().clone()
@@ -33,40 +36,136 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
 import torch
 from torch import fx
 
-__all__ = ["Rollback"]
+__all__ = ["MEMORY_BYTES", "Rollback", "TensorStore"]
 
 log = logging.getLogger(__name__)
+
+MEMORY_BYTES = 256 * 2**20  # tensor copies kept in memory up to this, then in a temporary directory
+
+
+class TensorStore:
+    """Copies of tensors' values, written back later into the *same* tensor objects, bit for bit.
+
+    The first ``memory_bytes`` of copies stay in memory (on the CPU); the rest go to files in a
+    temporary directory created on first need (``torch.save``; read back with ``mmap=True``, one
+    tensor at a time). :meth:`close` (or leaving the ``with`` block) drops the copies and removes
+    the directory. A tensor is saved once (by identity: tied parameters count once); saving it again
+    is a no-op, so "save before the first write" needs no bookkeeping by the caller.
+
+    >>> w = torch.arange(6.0)
+    >>> with TensorStore(memory_bytes=0) as store:   # every copy on disk
+    ...     _ = store.save(w)
+    ...     _ = w.zero_()
+    ...     store.restore()
+    >>> w.tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    """
+
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        self.memory_bytes = MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+        self.bytes_in_memory = 0
+        self.bytes_on_disk = 0
+        self.seconds = 0.0  # spent saving: a yardstick for what a restore costs
+        self._entries: list[tuple[torch.Tensor, torch.Tensor | str]] = []
+        self._ids: set[int] = set()
+        self._dir: str | None = None
+
+    @property
+    def directory(self) -> str | None:
+        """The temporary directory holding the spilled copies (``None`` while none is needed)."""
+        return self._dir
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, tensor: object) -> bool:
+        return id(tensor) in self._ids
+
+    def save(self, tensor: torch.Tensor) -> bool:
+        """Copies ``tensor``'s current value (once per tensor object); ``True`` if it was saved now."""
+        if id(tensor) in self._ids or tensor.device.type == "meta":
+            return False
+        start = time.perf_counter()
+        t = tensor.detach()
+        nbytes = t.numel() * t.element_size()
+        if self.bytes_in_memory + nbytes <= self.memory_bytes:
+            value: torch.Tensor | str = t.to("cpu", copy=True)
+            self.bytes_in_memory += nbytes
+        else:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="nmgraph-undo-")
+            value = os.path.join(self._dir, f"{len(self._entries)}.pt")
+            cpu = t.to("cpu").contiguous()
+            if cpu.untyped_storage().nbytes() != nbytes:  # a view: torch.save would write its whole storage
+                cpu = cpu.clone()
+            torch.save(cpu, value)
+            self.bytes_on_disk += nbytes
+        self._entries.append((tensor, value))
+        self._ids.add(id(tensor))
+        self.seconds += time.perf_counter() - start
+        return True
+
+    def restore(self, start: int = 0, stop: int | None = None) -> None:
+        """Copies the saved values back into their tensors (entries ``start:stop`` in saving order,
+        latest first); the store keeps them, so a later :meth:`restore` writes the same values."""
+        with torch.no_grad():
+            for tensor, value in reversed(self._entries[start:stop]):
+                if isinstance(value, str):
+                    value = torch.load(value, mmap=True, weights_only=True)
+                tensor.copy_(value)
+                del value
+
+    def close(self) -> None:
+        """Drops every copy and removes the temporary directory."""
+        self._entries.clear()
+        self._ids.clear()
+        self.bytes_in_memory = self.bytes_on_disk = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        self.close()
+        return False
 
 
 class Rollback:
     """Undo log of one call; use as a context manager (undoes on any exception, re-raises it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        """``memory_bytes``: tensor copies kept in memory up to this (default :data:`MEMORY_BYTES`),
+        the rest in a temporary directory (see :class:`TensorStore`)."""
         self._undo: list[Callable[[], None]] = []
-        self._kept: set[int] = set()
+        self._store = TensorStore(memory_bytes)
+
+    @property
+    def store(self) -> TensorStore:
+        """Where the tensor copies are (how many bytes in memory and on disk)."""
+        return self._store
 
     def keep_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Records the values of ``tensors`` (each once) so :meth:`undo` can copy them back in place."""
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        store = self._store
+        first = len(store)
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or id(t) in self._kept or t.device.type == "meta":
-                continue
-            self._kept.add(id(t))
-            saved.append((t, t.detach().to("cpu", copy=True)))
-
-        def undo() -> None:
-            with torch.no_grad():
-                for t, value in saved:
-                    t.copy_(value)
-
-        if saved:
-            self._undo.append(undo)
+            if isinstance(t, torch.Tensor):
+                store.save(t)
+        last = len(store)
+        if last > first:
+            self._undo.append(lambda: store.restore(first, last))
 
     def keep_module(self, module: torch.nn.Module) -> None:
         """Records ``module``'s structure: graph (for a GraphModule), meta, submodules, parameters,
@@ -102,20 +201,22 @@ class Rollback:
 
         Returns the errors of steps that failed (each is logged; the other steps still ran)."""
         steps, self._undo = self._undo, []
-        self._kept.clear()
         failures = []
-        for step in reversed(steps):
-            try:
-                step()
-            except Exception as e:  # keep undoing the rest; report after
-                failures.append(e)
-                log.error("rollback step failed", exc_info=True)
+        try:
+            for step in reversed(steps):
+                try:
+                    step()
+                except Exception as e:  # keep undoing the rest; report after
+                    failures.append(e)
+                    log.error("rollback step failed", exc_info=True)
+        finally:
+            self._store.close()
         return failures
 
     def commit(self) -> None:
         """Forgets the log (the call succeeded)."""
         self._undo.clear()
-        self._kept.clear()
+        self._store.close()
 
     def __enter__(self) -> Rollback:
         return self

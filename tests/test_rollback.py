@@ -10,11 +10,14 @@ nodes and outputs.
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import pytest
 import torch
 
 import nmgraph
-from nmgraph import training
+from nmgraph import rollback, training
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -25,7 +28,7 @@ from nmgraph.errors import (
 from nmgraph.passes import permute_channels
 from nmgraph.passes.fold_masks import mask_nodes
 from nmgraph.passes.insert_masks import STATE_NAME
-from nmgraph.rollback import Rollback
+from nmgraph.rollback import Rollback, TensorStore
 
 
 class Injected(Exception):
@@ -111,6 +114,76 @@ def test_rollback_commits_on_success():
     assert not lin.weight.any()
 
 
+def _tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(64, 64, generator=g)
+    return [torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).to(torch.bfloat16),
+            big[3:5],  # a view into a larger storage
+            torch.randn(16, 8, generator=g).t(),  # not contiguous
+            torch.randint(-5, 5, (7,), generator=g),
+            torch.nn.Parameter(torch.randn(32, 4, generator=g))]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+@pytest.mark.parametrize("memory_bytes", [None, 0, 600])  # all in memory, all on disk, some of each
+def test_tensor_store_writes_back_the_same_bits_into_the_same_tensors(memory_bytes):
+    tensors = _tensors()
+    before = [_bits(t) for t in tensors]
+    ids = [id(t) for t in tensors]
+    store = TensorStore(memory_bytes)
+    for t in tensors + tensors[:2]:  # saved once each
+        store.save(t)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    assert len(store) == len(tensors) and store.bytes_in_memory + store.bytes_on_disk == total
+    assert store.bytes_on_disk == {None: 0, 0: total}.get(memory_bytes, store.bytes_on_disk)
+    if memory_bytes == 600:
+        assert 0 < store.bytes_in_memory <= 600 and store.bytes_on_disk > 0
+    folder = store.directory
+    with torch.no_grad():
+        for t in tensors:
+            t.zero_()
+    store.restore()
+    assert [id(t) for t in tensors] == ids
+    for t, b in zip(tensors, before):
+        assert torch.equal(_bits(t), b)
+    with torch.no_grad():
+        tensors[0].add_(1)
+    store.restore(0, 1)  # a range; the copies stay until close
+    assert torch.equal(_bits(tensors[0]), before[0])
+    store.close()
+    assert len(store) == 0 and (folder is None or not os.path.exists(folder))
+
+
+def test_tensor_store_spills_a_view_without_its_storage(tmp_path):
+    big = torch.randn(256, 256)
+    view = big[:2]
+    with TensorStore(memory_bytes=0) as store:
+        store.save(view)
+        files = list(pathlib.Path(store.directory).iterdir())
+        assert len(files) == 1 and files[0].stat().st_size < 8 * 1024  # 2 KiB of values, not the 256 KiB storage
+
+
+@pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
+def test_rollback_with_the_copies_on_disk_restores_bit_exact(exc):
+    model = _mlp()
+    snap = Snapshot(model)
+    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+    with pytest.raises(exc), Rollback(memory_bytes=3000) as undo:  # the first weight in memory, the rest on disk
+        undo.keep_tensors(weights[:2])
+        undo.keep_tensors(weights[2:])
+        assert undo.store.bytes_in_memory > 0 and undo.store.bytes_on_disk > 0
+        folder = undo.store.directory
+        with torch.no_grad():
+            for w in weights[:3]:  # fails mid-way: some weights written, the last not yet
+                w.mul_(-2.5)
+        raise exc("injected fault")
+    snap.assert_unchanged()
+    assert not os.path.exists(folder)
+
+
 # --- convert ---------------------------------------------------------------------------------------
 
 
@@ -137,8 +210,11 @@ def test_convert_nan_saliency_names_the_layer():
     snap.assert_unchanged()
 
 
+@pytest.mark.parametrize("spilled", [False, True])
 @pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
-def test_convert_interrupted_between_two_weights(monkeypatch, exc):
+def test_convert_interrupted_between_two_weights(monkeypatch, exc, spilled):
+    if spilled:  # the undo log's copies in a temporary directory, as for a model larger than its memory share
+        monkeypatch.setattr(rollback, "MEMORY_BYTES", 0)
     model = _mlp()
     snap = Snapshot(model)
     monkeypatch.setattr(torch.Tensor, "masked_fill_", _raise_on_call(2, exc, torch.Tensor.masked_fill_))

@@ -68,6 +68,12 @@ class SparsifyReport:
     ``stages`` (seconds per stage); ``time_limit``; ``peak_activation_bytes`` (calibration
     activations held at once by the pruning pass); ``sequential``.
 
+    Permutation decision: ``permutation_accepted`` (``None`` when no permutation was tried: none
+    asked for, none found, or no time for it), ``error_permuted`` and ``error_unpermuted``: how far
+    the model pruned with and without the permutation is from the dense one on the held-out samples
+    (the relative output error; the mean loss or the layers' RMS error for a model without a main
+    output). The permutation is kept only when the first is smaller.
+
     Detail: ``layers`` (:class:`LayerReport`), ``groups`` (:class:`GroupReport`), ``skipped`` (weights
     left dense, with the reason), ``notes``.
     """
@@ -95,6 +101,9 @@ class SparsifyReport:
     groups: tuple[GroupReport, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    permutation_accepted: bool | None = None
+    error_permuted: float | None = None
+    error_unpermuted: float | None = None
 
     @property
     def nm_share(self) -> float:
@@ -119,6 +128,8 @@ class SparsifyReport:
             "calibration_samples": self.calibration_samples, "tokens_per_sample": self.tokens_per_sample,
             "layers_pruned": len(self.layers), "layers_dense": len(self.skipped),
             "groups_permuted": sum(g.applied for g in self.groups), "groups_searched": len(self.groups),
+            "permutation_accepted": self.permutation_accepted, "error_permuted": self.error_permuted,
+            "error_unpermuted": self.error_unpermuted,
             "seconds": self.seconds, "stages": dict(self.stages), "time_limit": self.time_limit,
             "peak_activation_bytes": self.peak_activation_bytes, "sequential": self.sequential,
         }
@@ -152,6 +163,9 @@ class SparsifyReport:
         if self.permutation_gain is not None:
             lines.append(f"  permutation: {s['groups_permuted']}/{len(self.groups)} groups permuted, kept "
                          f"{self.method} saliency {self.permutation_gain:+.2%}")
+        if self.permutation_accepted is not None:
+            lines.append(f"  permutation {'accepted' if self.permutation_accepted else 'rejected'}: held-out error "
+                         f"{self.error_permuted:.6g} with it, {self.error_unpermuted:.6g} without")
         stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stages.items())
         limit = "" if self.time_limit is None else f" (limit {self.time_limit:.0f} s)"
         lines.append(f"  time: {self.seconds:.1f} s{limit}: {stages}")

@@ -1,30 +1,31 @@
 """``nmgraph.sparsify``: one call from a dense model to an N:M model, pruned in place, with a report.
 
 Steps: read the calibration data; capture the model and analyze it (which weights can be N:M, which
-channels move together); run the dense model on held-out samples; for a data-aware method measure
-the dense model's input statistics; search a channel permutation per group under the method's own
-saliency within the time budget and apply it (:mod:`nmgraph.oneshot.permutation`); prune every
-eligible weight layer by layer (:mod:`nmgraph.oneshot.sequential`); run the held-out samples again
-and report how far the outputs moved.
+channels move together); run the dense model on held-out samples; prune every eligible weight layer
+by layer (:mod:`nmgraph.oneshot.sequential`) and run the held-out samples again. With ``permute``,
+then: put the dense weights back (the pruned ones kept aside), search a channel permutation per group
+under the method's own saliency within the time budget (:mod:`nmgraph.oneshot.permutation`), apply
+it, prune again and keep whichever of the two pruned models is closer to the dense one on the
+held-out samples; a rejected permutation is undone and the first result written back, so it leaves
+exactly the weights ``permute=False`` gives. The report says how far the outputs moved and, for the
+permutation, both errors.
 
 The model is changed in place: the captured graph's parameters *are* the model's Parameter objects,
 so permuting and pruning them changes the user's module, which stays the same object with its own
 methods (``generate``, ``save_pretrained``). If anything fails (or is interrupted) the model is put
-back exactly as it was: pruned weights are restored from an undo log (in memory up to a limit, then
-in a temporary directory, never as a copy of the whole model) and permutations are undone by their
-inverses.
+back exactly as it was: the permutations are undone by their inverses, then the pruned weights are
+restored from an undo log (:class:`nmgraph.rollback.TensorStore`: in memory up to a limit, then in
+a temporary directory, never as a second copy of the whole model in memory).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from nmgraph.oneshot.sequential import ERROR_SAMPLES, METHODS, collect_statistic
 from nmgraph.oneshot.taps import Geometry, find_taps
 from nmgraph.passes.permute_channels import apply_permutation, default_time_limit
 from nmgraph.passes.permute_channels import permute as permute_channels
-from nmgraph.pattern import Pattern, nm_mask
+from nmgraph.pattern import Pattern
+from nmgraph.rollback import TensorStore
 from nmgraph.validate import check_seed, check_time_limit
 
 __all__ = ["METHODS", "sparsify"]
@@ -49,18 +51,14 @@ log = logging.getLogger(__name__)
 SEARCHES = ("none", "random", "greedy", "exhaustive")
 UNDO_MEMORY_BYTES = 256 * 2**20  # weights saved for rollback in memory up to this, then on disk
 MAX_HOLDOUT = 8
-# Cost model that shares a time limit between the stages (ratios measured on the 2-core CPU on a
-# 1.1B-Llama decoder layer, 32 x 128 tokens, with some margin): the pruning pass over the statistics
-# pass, the statistics pass over a forward pass of the calibration set, and the magnitude pass (a
-# forward and two output-error products on ERROR_SAMPLES samples) over one forward of those samples.
-PRUNE_OVER_STATS = {"wanda": 3.5, "sparsegpt": 2.4}
-STATS_OVER_FORWARD = {"wanda": 1.5, "sparsegpt": 4.5}
-MAGNITUDE_OVER_FORWARD = 3.0
+# The statistics pass of a data-aware search, as a share of a sequential pruning pass (which takes the
+# same statistics block by block and then prunes: measured on the 2-core CPU on a 1.1B-Llama decoder
+# layer, 32 x 128 tokens, pruning took 3.5x (Wanda) and 2.4x (SparseGPT) the statistics alone).
+STATS_SHARE = {"wanda": 1 / 3.5, "sparsegpt": 1 / 2.4}
 SAFETY = 0.05  # share of the time limit kept free
-# The stages after the search are budgeted at this many times their estimate: on a shared CPU the speed
-# measured at the start moves by 2x within minutes (1.1B Llama, magnitude: the pruning pass estimated
-# at 220 s took 395 s), and running over the limit is worse than a shorter search.
-ESTIMATE_MARGIN = 2.0
+# The second pruning pass (with the permutation) is budgeted at this many times the first one, measured
+# minutes before in the same call: a shared CPU's speed still moves between the two.
+ESTIMATE_MARGIN = 1.25
 MIN_SEARCH_SHARE = 0.05  # the statistics pass and a search run only if the search can get this share of the limit
 PERMUTE_TOLERANCE_16BIT = 5e-2  # relative L2 change of the output a permutation may cause in bf16/fp16
 
@@ -101,13 +99,18 @@ def sparsify(
     dict of keyword inputs) is used when there is no calibration data: to capture, and as the one
     sample. The model is captured with the first calibration sample.
 
-    ``permute``: first search a channel permutation per group of the plan under the method's own
-    saliency (row-sampled to ``max_score_rows`` rows per group) and apply it when it keeps more.
-    ``time_limit`` (seconds) bounds the whole call: the search gets what an estimate of the other
-    stages leaves (``report.stages`` shows where the time went); pruning itself is never cut short.
-    ``None`` (default): the search gets :func:`nmgraph.passes.permute_channels.default_time_limit`'s
-    budget (5 to 120 s, scaling with the score matrices) and the other stages take what they take;
-    ``math.inf``: no limit.
+    ``permute``: after pruning, also try a channel permutation: search one per group of the plan under
+    the method's own saliency (row-sampled to ``max_score_rows`` rows per group; a group's permutation
+    is adopted when it keeps more of that saliency over all its consumers), prune the dense weights
+    again with it, and keep it only if the held-out output error is then smaller than without it
+    (``report.permutation_accepted``, ``error_permuted``, ``error_unpermuted``); otherwise the
+    weights are exactly those of ``permute=False``. This costs a second pruning pass.
+    ``time_limit`` (seconds) bounds the whole call: the search gets what is left after the measured
+    first pruning pass and, budgeted from it, the second (``report.stages`` shows where the time
+    went; when no time is left the permutation is skipped, said in ``report.notes``); pruning itself
+    is never cut short. ``None`` (default): the search gets
+    :func:`nmgraph.passes.permute_channels.default_time_limit`'s budget (5 to 120 s, scaling with the
+    score matrices) and the other stages take what they take; ``math.inf``: no limit.
     ``progress``: tqdm bars (default: when stderr is a terminal). ``sequential=False`` takes every
     layer's statistics from the dense model in one pass (small models); the default prunes layer by
     layer, each with the inputs of the already-pruned layers before it, holding one block's
@@ -160,7 +163,9 @@ def sparsify(
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    undo = _UndoLog()
+    # Originals of every weight pruning writes, saved while the channels are in the model's own order:
+    # a failure undoes the permutations first, then writes these back.
+    undo = TensorStore(UNDO_MEMORY_BYTES)
     applied: dict[int, torch.Tensor] = {}
     gm = plan = None
     try:
@@ -175,82 +180,123 @@ def sparsify(
                                   "leave them dense, or include=/exclude= to choose.")
         taps = find_taps(gm, plan.layers)
         geometry = {i.name: Geometry.of(i.shape, i.axis, taps[i.name][0]) for i in plan.layers}
+        params = dict(gm.named_parameters(remove_duplicate=False))
 
         t = time.perf_counter()
         reference = _evaluate(model, evaluation)
         t_eval = time.perf_counter() - t
         stages["reference"] = t_eval
-        per_sample = t_eval / max(len(evaluation), 1)
+        bounded = time_limit is not None and not math.isinf(time_limit)
+
+        def prune_and_evaluate(suffix: str):
+            # magnitude needs no statistics: its pass only measures each layer's output error, on the samples
+            # that measurement uses
+            passed = calib[:ERROR_SAMPLES] if method == "magnitude" else calib
+            t = time.perf_counter()
+            outcomes, peak = prune_layers(gm, taps, geometry, passed, method, p, sequential=sequential,
+                                          blocksize=blocksize, percdamp=percdamp,
+                                          before_write=lambda _, param: undo.save(param), progress=show)
+            stages["prune" + suffix] = time.perf_counter() - t
+            fallbacks = [o for o in outcomes if any("pruned by magnitude" in x for x in o.notes)]
+            if strict and fallbacks:
+                raise StrictModeError(f"strict=True and {fallbacks[0].name} was pruned by magnitude: "
+                                      f"{'; '.join(fallbacks[0].notes)}. Pass calibration data that reaches it.")
+            t = time.perf_counter()
+            after = _evaluate(model, evaluation)
+            stages["evaluate" + suffix] = time.perf_counter() - t
+            return outcomes, peak, after, _distance(reference, after, outcomes)
+
+        # 1. Prune in the model's own channel order: the result without permutation, and the measured cost
+        # of a pruning pass (what the permuted attempt will cost again).
+        outcomes, peak, after, error_plain = prune_and_evaluate("")
+        t_pass = stages["prune"] + stages["evaluate"]
 
         groups: list[GroupReport] = []
         per_layer: dict[str, tuple[float, float]] = {}
+        decision: dict[str, Any] = {}
         searchable = permute and search != "none" and any(g.consumers for g in plan.groups)
-        bounded = time_limit is not None and not math.isinf(time_limit)
-        cost = _CostModel(method, per_sample, len(calib), t_eval, gm, plan) if bounded else None
-        if cost is not None:
-            fixed = cost.prune(None) + t_eval
-            if time.perf_counter() - start + fixed > time_limit:
-                notes.append(f"time_limit={time_limit:g} s is below the estimated {fixed:.0f} s that pruning and "
-                             "evaluation need (they are never cut short); the call will take longer")
-                log.warning("sparsify: %s", notes[-1])
-        if searchable and cost is not None:
-            rest = cost.statistics() + ESTIMATE_MARGIN * (cost.prune(None) + cost.permute() + t_eval)
-            if time.perf_counter() - start + rest >= (1 - SAFETY - MIN_SEARCH_SHARE) * time_limit:
+        if searchable and bounded:
+            # the second pass, the statistics (estimated from the pass just measured), permuting, and
+            # restoring the weights twice (as long as saving them took)
+            later = (STATS_SHARE.get(method, 0.0) * stages["prune"] + ESTIMATE_MARGIN * (t_pass + _permute_cost(gm, plan))
+                     + 3 * undo.seconds)
+            left = (1 - SAFETY) * time_limit - (time.perf_counter() - start) - later
+            if left < MIN_SEARCH_SHARE * time_limit:
                 searchable = False
-                notes.append(f"permutation skipped: the other stages are estimated at {rest:.0f} s, which leaves "
-                             f"no time in time_limit={time_limit:g} s")
+                notes.append(f"permutation skipped: after pruning once ({t_pass:.0f} s with evaluation), a search and "
+                             f"a second pruning pass (estimated {later:.0f} s besides the search) do not fit in "
+                             f"time_limit={time_limit:g} s")
+                log.warning("sparsify: %s", notes[-1])
         if searchable:
-            stats: dict[str, torch.Tensor] = {}
-            t_stats = None
-            if method != "magnitude":
+            # 2. Back to the dense weights (the result just computed kept aside), search under the method's
+            # saliency, and, if a permutation keeps more, prune again with it.
+            plain = TensorStore(UNDO_MEMORY_BYTES)
+            try:
                 t = time.perf_counter()
-                stats, _, _ = collect_statistics(gm, taps, geometry, calib, method, percdamp=percdamp, progress=show)
-                t_stats = time.perf_counter() - t
-                stages["statistics"] = t_stats
-            budget = default_time_limit(plan) if time_limit is None else None
-            if cost is not None:
-                rest = cost.prune(t_stats) + cost.permute() + t_eval
-                budget = max(0.0, (1 - SAFETY) * time_limit - (time.perf_counter() - start) - ESTIMATE_MARGIN * rest)
-                notes.append(f"permutation search budget {budget:.1f} s (the stages after it estimated at {rest:.1f} s, "
-                             f"budgeted at {ESTIMATE_MARGIN:g}x)")
-            t = time.perf_counter()
-            perms, searched, per_layer = search_groups(gm, plan, method, stats, geometry, search=search, seed=seed,
-                                                       time_limit=budget, max_rows=max_score_rows, progress=show)
-            del stats
-            stages["search"] = time.perf_counter() - t
+                for info in plan.layers:
+                    plain.save(params[info.name])
+                    undo.save(params[info.name])  # no-op for the pruned ones: every original saved unpermuted
+                undo.restore()
+                stages["restore"] = time.perf_counter() - t
+                stats: dict[str, torch.Tensor] = {}
+                if method != "magnitude":
+                    t = time.perf_counter()
+                    stats, _, _ = collect_statistics(gm, taps, geometry, calib, method, percdamp=percdamp,
+                                                     progress=show)
+                    stages["statistics"] = time.perf_counter() - t
+                budget = default_time_limit(plan) if time_limit is None else None
+                if bounded:
+                    later = ESTIMATE_MARGIN * (t_pass + _permute_cost(gm, plan)) + 2 * plain.seconds
+                    budget = max(0.0, (1 - SAFETY) * time_limit - (time.perf_counter() - start) - later)
+                    notes.append(f"permutation search budget {budget:.1f} s (the second pruning pass and the rest "
+                                 f"budgeted at {later:.1f} s: {ESTIMATE_MARGIN:g}x the measured first pass)")
+                t = time.perf_counter()
+                perms, searched, per_layer = search_groups(gm, plan, method, stats, geometry, search=search,
+                                                           seed=seed, time_limit=budget, max_rows=max_score_rows,
+                                                           progress=show)
+                del stats
+                stages["search"] = time.perf_counter() - t
+                if perms:
+                    t = time.perf_counter()
+                    low_precision = any(x.dtype in (torch.float16, torch.bfloat16) for x in model.parameters())
+                    permute_channels(gm, plan, perms=perms, verify=not low_precision)
+                    applied = dict(perms)
+                    if low_precision:
+                        _check_permuted(model, evaluation[0], reference[0][0])
+                    stages["permute"] = time.perf_counter() - t
+                    outcomes_p, peak_p, after_p, error_perm = prune_and_evaluate(" permuted")
+                    accepted = error_perm < error_plain
+                    decision = {"accepted": accepted, "error_permuted": error_perm, "error_unpermuted": error_plain}
+                    if accepted:
+                        outcomes, after, peak = outcomes_p, after_p, max(peak, peak_p)
+                    else:
+                        t = time.perf_counter()
+                        _unpermute(gm, plan, applied)
+                        applied = {}
+                        plain.restore()
+                        stages["restore"] += time.perf_counter() - t
+                        why = (f"the held-out {_METRIC_NAME[_metric(reference, after)]} with it, {error_perm:.6g}, is "
+                               f"not below the {error_plain:.6g} without it")
+                        notes.append(f"permutation rejected: {why}; the weights are those of pruning without it")
+                        log.info("sparsify: %s", notes[-1])
+                        searched = [replace(g, applied=False, note=f"rejected: {why}") if g.applied else g
+                                    for g in searched]
+                        per_layer = {k: (v[0], v[0]) for k, v in per_layer.items()}
+                else:
+                    t = time.perf_counter()
+                    plain.restore()
+                    stages["restore"] += time.perf_counter() - t
+            finally:
+                plain.close()
             groups = [GroupReport(g.id, g.size, g.block, g.consumers, g.rows_total, g.rows_searched, g.kept_before,
                                   g.kept_after, g.applied, g.seconds, g.note) for g in searched]
-            if perms:
-                t = time.perf_counter()
-                low_precision = any(param.dtype in (torch.float16, torch.bfloat16) for param in model.parameters())
-                permute_channels(gm, plan, perms=perms, verify=not low_precision)
-                applied = dict(perms)
-                if low_precision:
-                    _check_permuted(model, evaluation[0], reference[0][0])
-                stages["permute"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        # magnitude needs no statistics: its pass only measures each layer's output error, on the samples
-        # that measurement uses
-        passed = calib[:ERROR_SAMPLES] if method == "magnitude" else calib
-        outcomes, peak = prune_layers(gm, taps, geometry, passed, method, p, sequential=sequential,
-                                      blocksize=blocksize, percdamp=percdamp, before_write=undo.save, progress=show)
-        stages["prune"] = time.perf_counter() - t
-        fallbacks = [o for o in outcomes if any("pruned by magnitude" in x for x in o.notes)]
-        if strict and fallbacks:
-            raise StrictModeError(f"strict=True and {fallbacks[0].name} was pruned by magnitude: "
-                                  f"{'; '.join(fallbacks[0].notes)}. Pass calibration data that reaches it.")
-
-        t = time.perf_counter()
-        after = _evaluate(model, evaluation)
-        stages["evaluate"] = time.perf_counter() - t
         report = _report(model, gm.named_parameters(remove_duplicate=False), plan, p, method, outcomes, groups, per_layer, reference, after, evaluation,
-                         h == 0, cal, len(calib), stages, time_limit, peak, sequential, notes, start)
+                         h == 0, cal, len(calib), stages, time_limit, peak, sequential, notes, start, decision)
     except BaseException:
-        undo.restore()
         if applied and gm is not None:
-            for gid, perm in reversed(list(applied.items())):
-                apply_permutation(gm, plan.group(gid), torch.argsort(perm))
+            _unpermute(gm, plan, applied)
+        undo.restore()
         raise
     finally:
         undo.close()
@@ -260,33 +306,23 @@ def sparsify(
     return report
 
 
-class _CostModel:
-    """Seconds the stages after the search will take, from the measured forward time (see the
-    constants above) and a timed mask of the largest eligible weight (``nmgraph.permute`` computes the
-    kept magnitude of every eligible weight before and after)."""
+def _unpermute(gm, plan, applied: dict[int, torch.Tensor]) -> None:
+    for gid, perm in reversed(list(applied.items())):
+        apply_permutation(gm, plan.group(gid), torch.argsort(perm))
 
-    def __init__(self, method: str, per_sample: float, samples: int, t_eval: float, gm, plan) -> None:
-        self.method, self.per_sample, self.samples, self.t_eval = method, per_sample, samples, t_eval
-        sizes = {i.name: math.prod(i.shape) for i in plan.layers}
-        self.eligible = sum(sizes.values())
-        self.mask_rate = 0.0
-        if sizes:
-            name = max(sizes, key=sizes.get)
-            t = time.perf_counter()
-            nm_mask(gm.get_parameter(name), plan.pattern, axis=plan.layer(name).axis)
-            self.mask_rate = (time.perf_counter() - t) / sizes[name]
 
-    def statistics(self) -> float:
-        return STATS_OVER_FORWARD.get(self.method, 0.0) * self.per_sample * self.samples
-
-    def prune(self, t_stats: float | None) -> float:
-        if self.method == "magnitude":
-            return (MAGNITUDE_OVER_FORWARD * self.per_sample * min(self.samples, ERROR_SAMPLES)
-                    + self.mask_rate * self.eligible)
-        return PRUNE_OVER_STATS[self.method] * (self.statistics() if t_stats is None else t_stats)
-
-    def permute(self) -> float:
-        return 2 * self.mask_rate * self.eligible + 2 * self.per_sample
+def _permute_cost(gm, plan) -> float:
+    """Seconds to permute: a gather of every group member, timed on the largest eligible weight and
+    scaled by the bytes of all parameters (an upper bound), plus the check's forward pass."""
+    sizes = {i.name: math.prod(i.shape) for i in plan.layers}
+    if not sizes:
+        return 0.0
+    name = max(sizes, key=sizes.get)
+    w = gm.get_parameter(name)
+    t = time.perf_counter()
+    w.detach().index_select(0, torch.arange(w.shape[0] - 1, -1, -1))
+    rate = (time.perf_counter() - t) / sizes[name]
+    return rate * sum(x.numel() for x in gm.parameters())
 
 
 def _calibration(model, method, example_inputs, calibration, num_samples, seq_len, notes) -> Calibration:
@@ -348,6 +384,38 @@ def _evaluate(model: torch.nn.Module, samples: list[Sample]) -> list[tuple[torch
     return results
 
 
+_METRIC_NAME = {"output": "relative output error", "loss": "loss", "layers": "RMS of the layers' errors"}
+
+
+def _output_error(reference, after) -> float | None:
+    """``||y' - y|| / ||y||`` of the main output over the samples, ``None`` if the model has none."""
+    num = den = 0.0
+    for (y0, _), (y1, _) in zip(reference, after):
+        if y0 is not None and y1 is not None and y0.shape == y1.shape:
+            num += float((y1.float() - y0.float()).pow(2).sum())
+            den += float(y0.float().pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else None
+
+
+def _metric(reference, after) -> str:
+    if _output_error(reference, after) is not None:
+        return "output"
+    return "loss" if after and all(x is not None for _, x in after) else "layers"
+
+
+def _distance(reference, after, outcomes) -> float:
+    """How far the pruned model is from the dense one on the held-out samples (smaller is better): the
+    relative error of the main output; for a model without one, its mean loss; without either, the
+    RMS of the layers' relative reconstruction errors."""
+    kind = _metric(reference, after)
+    if kind == "output":
+        return _output_error(reference, after)
+    if kind == "loss":
+        return sum(x for _, x in after) / len(after)
+    errs = [o.rel_error for o in outcomes if o.rel_error is not None]
+    return (sum(e * e for e in errs) / len(errs)) ** 0.5 if errs else 0.0
+
+
 def _check_permuted(model: torch.nn.Module, sample: Sample, before: torch.Tensor | None) -> None:
     """A permutation must leave the outputs as they were up to rounding. ``nmgraph.permute`` checks the
     largest deviation against 2e-2 of the largest output in 16-bit models, which rounding alone can
@@ -373,7 +441,7 @@ def _compressed_bytes(shape: tuple[int, ...], axis: int, elem: int, p: Any) -> i
 
 
 def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, reference, after, evaluation, in_sample, cal,
-            n_calib, stages, time_limit, peak, sequential, notes, start) -> SparsifyReport:
+            n_calib, stages, time_limit, peak, sequential, notes, start, decision) -> SparsifyReport:
     own = list(model.parameters())  # each Parameter once, tied ones included once
     params = dict(gm_params)
     by_name = {i.name: i for i in plan.layers}
@@ -386,12 +454,7 @@ def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, refe
         info = by_name[o.name]
         elem = params[o.name].element_size() if o.name in params else 4
         sparse_bytes += _compressed_bytes(info.shape, info.axis, elem, p) - math.prod(info.shape) * elem
-    num = den = 0.0
-    for (y0, _), (y1, _) in zip(reference, after):
-        if y0 is not None and y1 is not None and y0.shape == y1.shape:
-            num += float((y1.float() - y0.float()).pow(2).sum())
-            den += float(y0.float().pow(2).sum())
-    out_err = (num / den) ** 0.5 if den > 0 else None
+    out_err = _output_error(reference, after)
     losses0 = [x for _, x in reference if x is not None]
     losses1 = [x for _, x in after if x is not None]
     layers = []
@@ -415,45 +478,5 @@ def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, refe
         calibration_samples=n_calib, tokens_per_sample=cal.tokens, seconds=time.perf_counter() - start,
         stages=dict(stages), time_limit=time_limit, peak_activation_bytes=peak, sequential=sequential,
         layers=tuple(layers), groups=tuple(groups), skipped=tuple((s.name, s.reason) for s in plan.skipped),
-        notes=tuple(notes))
-
-
-class _UndoLog:
-    """Original values of the weights pruning overwrites: in memory up to ``memory_bytes``, then in a
-    temporary directory (removed by :meth:`close`)."""
-
-    def __init__(self, memory_bytes: int | None = None) -> None:
-        self.memory_bytes = UNDO_MEMORY_BYTES if memory_bytes is None else memory_bytes
-        self.used = 0
-        self.saved: dict[str, tuple[torch.Tensor, torch.Tensor | str]] = {}
-        self.dir: str | None = None
-
-    def save(self, name: str, param: torch.Tensor) -> None:
-        if name in self.saved:
-            return
-        t = param.detach()
-        nbytes = t.numel() * t.element_size()
-        if self.used + nbytes <= self.memory_bytes:
-            self.saved[name] = (param, t.clone())
-            self.used += nbytes
-            return
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="nmgraph-undo-")
-        path = os.path.join(self.dir, f"{len(self.saved)}.pt")
-        torch.save(t.contiguous(), path)
-        self.saved[name] = (param, path)
-
-    def restore(self) -> None:
-        """Writes every saved original back into its parameter (latest first)."""
-        with torch.no_grad():
-            for param, value in reversed(list(self.saved.values())):
-                if isinstance(value, str):
-                    value = torch.load(value, weights_only=True)
-                param.copy_(value)
-
-    def close(self) -> None:
-        self.saved.clear()
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-
+        notes=tuple(notes), permutation_accepted=decision.get("accepted"),
+        error_permuted=decision.get("error_permuted"), error_unpermuted=decision.get("error_unpermuted"))

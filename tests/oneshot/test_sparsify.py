@@ -92,17 +92,92 @@ def test_model_keeps_its_hf_methods_and_loss_is_reported():
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
-def test_permutation_is_scored_by_the_method_and_never_adopted_at_a_loss(method):
+def test_permutation_is_scored_by_the_method_and_kept_only_when_the_pruned_model_is_closer(method):
     torch.manual_seed(0)
     model = models.llama()
+    snap = _snapshot(model)
     report = nmgraph.sparsify(model, "2:4", method=method, calibration=models.tokens(6), permute=True,
-                              time_limit=3)
+                              time_limit=30)
     assert report.groups and report.permutation_gain is not None and report.permutation_gain >= 0
-    for g in report.groups:
-        assert g.kept_after >= g.kept_before and (g.applied == (g.kept_after > g.kept_before))
-    assert any(g.applied for g in report.groups)
+    for g in report.groups:  # a group is adopted (before the end-to-end check) only when it keeps more saliency
+        assert g.kept_after >= g.kept_before and (not g.applied or g.kept_after > g.kept_before)
+    assert report.permutation_accepted is not None
+    assert report.permutation_accepted == (report.error_permuted < report.error_unpermuted)
+    assert report.output_rel_error == pytest.approx(min(report.error_permuted, report.error_unpermuted), rel=1e-12)
+    assert any(g.applied for g in report.groups) == report.permutation_accepted
     assert all(nmgraph.is_nm(model.get_parameter(x.name), "2:4", axis=x.axis) for x in report.layers)
-    assert any(x.permutation_gain > 0 for x in report.layers)
+    plain = models.llama()
+    plain.load_state_dict(snap)
+    nmgraph.sparsify(plain, "2:4", method=method, calibration=models.tokens(6), permute=False)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert same != report.permutation_accepted
+
+
+def _forced(monkeypatch, accept: bool):
+    """Makes the held-out comparison come out as ``accept`` says: the second distance (the permuted
+    attempt) is moved far below or above the first."""
+    module = importlib.import_module("nmgraph.oneshot.sparsify")
+    real = module._distance
+    calls = []
+
+    def distance(*args):
+        calls.append(real(*args))
+        return calls[-1] if len(calls) == 1 else (0.0 if accept else calls[-1] + 10.0)
+
+    monkeypatch.setattr(module, "_distance", distance)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_rejected_permutation_leaves_exactly_the_weights_of_no_permutation(monkeypatch, method):
+    torch.manual_seed(0)
+    model = models.llama()
+    snap = _snapshot(model)
+    reference = models.llama()
+    reference.load_state_dict(snap)
+    expected = nmgraph.sparsify(reference, "2:4", method=method, calibration=models.tokens(8), permute=False)
+    calls = _forced(monkeypatch, accept=False)
+    report = nmgraph.sparsify(model, "2:4", method=method, calibration=models.tokens(8), permute=True)
+    assert len(calls) == 2 and report.permutation_accepted is False
+    assert report.error_unpermuted == calls[0] and report.error_permuted == calls[1] + 10.0
+    assert any("permutation rejected" in n for n in report.notes)
+    assert not any(g.applied for g in report.groups) and any("rejected" in g.note for g in report.groups)
+    assert report.permutation_gain == 0.0 and all(x.permutation_gain == 0.0 for x in report.layers)
+    _assert_same(model, _snapshot(reference))  # bit for bit: every parameter and buffer
+    assert report.output_rel_error == expected.output_rel_error
+    assert [x.rel_error for x in report.layers] == [x.rel_error for x in expected.layers]
+
+
+def test_an_accepted_permutation_equals_permuting_first_then_pruning(monkeypatch):
+    """Reference: the same permutations applied with nmgraph.permute to a copy, then sparsify without
+    permutation; the outputs of the permuted model equal the dense model's before pruning."""
+    torch.manual_seed(0)
+    model = models.llama()
+    snap = _snapshot(model)
+    cal = models.tokens(8)
+    perms = {}
+    module = importlib.import_module("nmgraph.oneshot.sparsify")
+    real_search = module.search_groups
+
+    def search(*args, **kwargs):
+        out = real_search(*args, **kwargs)
+        perms.update(out[0])
+        return out
+
+    monkeypatch.setattr(module, "search_groups", search)
+    _forced(monkeypatch, accept=True)
+    report = nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=cal, permute=True)
+    assert report.permutation_accepted is True and perms and any(g.applied for g in report.groups)
+    monkeypatch.undo()
+    reference = models.llama()
+    reference.load_state_dict(snap)
+    gm = nmgraph.capture(reference, (cal[0].unsqueeze(0),))
+    plan = nmgraph.analyze(gm, "2:4")
+    dense_out = reference(cal[-1].unsqueeze(0)).logits
+    nmgraph.permute(gm, plan, perms=perms)
+    torch.testing.assert_close(reference(cal[-1].unsqueeze(0)).logits, dense_out, rtol=1e-4, atol=1e-5)
+    nmgraph.sparsify(reference, "2:4", method="sparsegpt", calibration=cal, permute=False)
+    _assert_same(model, _snapshot(reference))
 
 
 @pytest.mark.parametrize("pattern", ["1:4", "4:8"])
@@ -142,28 +217,34 @@ def test_bad_arguments_raise_typed_errors_and_leave_the_model_alone():
 
 
 @pytest.mark.parametrize("undo_in_memory", [True, False])
-def test_a_failure_midway_restores_every_weight_and_undoes_the_permutation(monkeypatch, undo_in_memory):
-    """Undo log in memory, or on disk (with a permutation to undo as well)."""
+@pytest.mark.parametrize("permute", [False, True])
+def test_a_failure_midway_restores_every_weight_and_undoes_the_permutation(monkeypatch, undo_in_memory, permute):
+    """Undo log in memory, or on disk; failing in the only pruning pass, or in the second one, with
+    the permutation applied and every weight pruned once already."""
     torch.manual_seed(0)
     model = models.llama().train()
     snap = _snapshot(model)
     calls = []
     real = sequential_mod.sparsegpt_prune
+    fail_at = 14 + 9 if permute else 9  # 14 weights per pass
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 9:
+        if len(calls) == fail_at:
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sequential_mod, "sparsegpt_prune", flaky)
-    if not undo_in_memory:  # the module, not the function of the same name that nmgraph.oneshot exports
-        monkeypatch.setattr(importlib.import_module("nmgraph.oneshot.sparsify"), "UNDO_MEMORY_BYTES", 0)
-    with pytest.raises(RuntimeError, match="injected failure"):  # with a permutation applied, and without
-        nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=models.tokens(6),
-                         permute=not undo_in_memory, time_limit=3)
+    module = importlib.import_module("nmgraph.oneshot.sparsify")  # the module, not the function of that name
+    applied = []
+    real_permute = module.permute_channels
+    monkeypatch.setattr(module, "permute_channels", lambda *a, **k: applied.append(1) or real_permute(*a, **k))
+    if not undo_in_memory:
+        monkeypatch.setattr(module, "UNDO_MEMORY_BYTES", 0)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=models.tokens(6), permute=permute)
     _assert_same(model, snap)
-    assert model.training and len(calls) == 9
+    assert model.training and len(calls) == fail_at and len(applied) == int(permute)
 
 
 def test_a_time_limit_too_small_for_a_search_skips_it_and_says_so():
@@ -177,7 +258,8 @@ def test_bf16_model_permutes_and_prunes():
     torch.manual_seed(0)
     model = models.llama().to(torch.bfloat16)
     report = nmgraph.sparsify(model, "2:4", method="sparsegpt", calibration=models.tokens(6), search="random")
-    assert any(g.applied for g in report.groups) and "permute" in report.stages
+    assert "permute" in report.stages and report.permutation_accepted is not None
+    assert any(g.applied for g in report.groups) == report.permutation_accepted
     for x in report.layers:
         w = model.get_parameter(x.name)
         assert w.dtype == torch.bfloat16 and nmgraph.is_nm(w, "2:4", axis=x.axis)
