@@ -34,6 +34,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -179,13 +180,19 @@ def run_table(args) -> dict:
                 row = {"seed": seed, "variant": name, "pattern": pattern, "bpb": bpb, "delta": bpb - dense_bpb,
                        "seconds": seconds, "output_rel_error": report.output_rel_error,
                        "layer_error": report.layer_error, "permutation_gain": report.permutation_gain,
-                       "stages": report.stages, "layers": len(report.layers)}
+                       "stages": report.stages, "layers": len(report.layers),
+                       "permutation_accepted": report.permutation_accepted,
+                       "error_permuted": report.error_permuted, "error_unpermuted": report.error_unpermuted,
+                       "notes": list(report.notes)}
                 results.append(row)
                 gain = "" if report.permutation_gain is None else f", saliency kept {report.permutation_gain:+.2%}"
+                if report.permutation_accepted is not None:
+                    gain += (f", permutation {'accepted' if report.permutation_accepted else 'rejected'} (held-out "
+                             f"error {report.error_permuted:.5f} with, {report.error_unpermuted:.5f} without)")
                 print(f"  {pattern} {name:<15} {bpb:.4f} bpb ({bpb - dense_bpb:+.4f}) in {seconds:5.1f} s, "
                       f"output error {report.output_rel_error:.4f}{gain}", flush=True)
     out = {"args": vars(args), "corpus": corpus, "torch": torch.__version__, "platform": platform.platform(),
-           "results": results}
+           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     print()
     print(table(results, patterns))
     return out
@@ -255,10 +262,20 @@ def scale_one(args) -> dict:
     rss_built = _rss_gib()
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, 32000, (args.scale_tokens,), generator=g) for _ in range(args.scale_samples + 4)]
+    loads: list[float] = []
+    done = threading.Event()
+
+    def sample_load() -> None:  # the 1-minute load average while sparsify runs: how busy the shared CPU was
+        while not done.wait(15.0):
+            loads.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     t1 = time.perf_counter()
     report = nmgraph.sparsify(model, "2:4", method=args.scale_one, calibration=calibration, holdout=4,
                               time_limit=args.scale_limit, progress=False)
     seconds = time.perf_counter() - t1
+    done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     nm = all(nmgraph.is_nm(model.get_parameter(x.name), "2:4", axis=x.axis) for x in report.layers)
     out = {"method": args.scale_one, "layers": args.layers, "params": sum(p.numel() for p in model.parameters()),
@@ -268,7 +285,10 @@ def scale_one(args) -> dict:
            "groups": [{"id": x.id, "size": x.size, "rows_total": x.rows_total, "rows_searched": x.rows_searched,
                        "kept_before": x.kept_before, "kept_after": x.kept_after, "applied": x.applied,
                        "seconds": x.seconds} for x in report.groups],
-           "notes": list(report.notes)}
+           "notes": list(report.notes), "permutation_accepted": report.permutation_accepted,
+           "error_permuted": report.error_permuted, "error_unpermuted": report.error_unpermuted,
+           "load_average_1min": {"mean": statistics.mean(loads) if loads else None, "max": max(loads, default=None),
+                                 "samples": len(loads)}}
     print("RESULT " + json.dumps(out), flush=True)
     return out
 
@@ -293,10 +313,11 @@ def run_scale(args) -> dict:
         print(f"{method}: {r['seconds']:.0f} s of {limit:.0f} s ({r['seconds'] / limit:.2f}), peak RSS "
               f"{r['peak_rss_bytes'] / 2**30:.2f} GiB = {r['peak_over_weights']:.2f}x the weights "
               f"({r['weight_bytes'] / 2**30:.2f} GiB); exactly 2:4: {r['exactly_nm']}; output error "
-              f"{s['output_rel_error']:.4f}; stages {', '.join(f'{k} {v:.0f}' for k, v in s['stages'].items())}",
+              f"{s['output_rel_error']:.4f}; stages {', '.join(f'{k} {v:.0f}' for k, v in s['stages'].items())}; "
+              f"load average {r.get('load_average_1min')}; permutation accepted: {r.get('permutation_accepted')}",
               flush=True)
     return {"args": vars(args), "torch": torch.__version__, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "results": results}
+            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
 
 
 def run_memory(args) -> dict:
@@ -371,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             args.seeds, args.steps, args.bytes, args.calibration, args.holdout = 1, 3, 200_000, 6, 2
             args.hidden, args.layers, args.ffn, args.context, args.val_windows = 32, 2, 64, 16, 4
-            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, 2.0
+            args.patterns, args.heads, args.kv_heads, args.time_limit = "2:4", 2, 1, None
         out = run_table(args)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""benchmarks/oneshot.py --quick: trains a tiny byte-level Llama a few steps and runs every variant."""
+"""benchmarks/oneshot.py --quick: trains a tiny byte-level Llama a few steps and runs every variant; a
+rejected permutation gives exactly the result without one."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def test_quick_mode_runs_every_variant():
     assert all(math.isfinite(r["bpb"]) and r["bpb"] > 0 for r in rows)
     assert all(r["layers"] == 14 for r in rows[1:])  # every decoder Linear of the 2-layer model
     assert "| sparsegpt+perm |" in bench.table(rows, ["2:4"])
+    by_name = {r["variant"]: r for r in rows}
+    for name, _, permute in bench.VARIANTS:
+        if not permute:
+            continue
+        row, plain = by_name[name], by_name[name.removesuffix("+perm")]
+        assert row["permutation_accepted"] is not None  # no time limit: the permutation was tried
+        assert row["permutation_accepted"] == (row["error_permuted"] < row["error_unpermuted"])
+        if not row["permutation_accepted"]:  # rejected: the very weights of the run without permutation
+            assert row["bpb"] == plain["bpb"] and row["error_unpermuted"] == plain["output_rel_error"]
