@@ -77,7 +77,7 @@ def test_a_plan_weight_that_is_not_nm_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compressed_output_reads_back_bit_exact_and_stores_0_5625_of_the_nm_bytes(tmp_path):
+def test_compressed_output_reads_back_bit_exact_and_stores_under_0_55_of_the_nm_bytes(tmp_path):
     _, src = _saved_llama(tmp_path)
     model = nmgraph.from_pretrained(src)
     plan = _pruned(model)
@@ -86,9 +86,10 @@ def test_compressed_output_reads_back_bit_exact_and_stores_0_5625_of_the_nm_byte
     assert saved.format == "compressed"
     params = dict(model.named_parameters())
     nm_dense = sum(params[n].numel() * 2 for n in saved.weights)  # bf16
-    nm_stored = nm_dense // 2 + nm_dense // 2 // 8  # kept values + 2 index bits per kept value
+    # kept values (half the entries, 2 bytes each) + one byte per 3 groups of 4 in every row
+    nm_stored = sum(params[n].numel() + params[n].shape[0] * -(-params[n].shape[1] // 12) for n in saved.weights)
     others = sum(p.numel() * 2 for n, p in params.items() if n not in saved.weights)
-    assert saved.nbytes == nm_stored + others and nm_stored / nm_dense == 0.5625
+    assert saved.nbytes == nm_stored + others and nm_stored / nm_dense < 0.55
     assert saved.ratio < 0.75
     for back in (nmgraph.load(out), nmgraph.from_pretrained(out)):
         assert type(back) is type(model) and back.dtype == torch.bfloat16
