@@ -106,3 +106,14 @@ def test_side_files_are_copied_and_weights_are_not(tmp_path):
     (tmp_path / "out").mkdir()
     copied = hf.copy_side_files(src, tmp_path / "out")
     assert copied == ["generation_config.json", "tokenizer_config.json"]
+
+
+def test_the_sparsify_report_counts_the_bytes_the_compressed_form_stores(tmp_path):
+    """bytes_sparse of nmgraph.sparsify is what save_pretrained(compressed=True) writes (one size function)."""
+    model, inputs = hf_models.llama(layers=1)
+    model = model.to(torch.bfloat16)
+    report = nmgraph.sparsify(model, "2:4", example_inputs=inputs, permute=False)
+    saved = nmgraph.save_pretrained(model, tmp_path / "packed", compressed=True, report=report)
+    summary = report.summary()
+    assert summary["bytes_dense"] == saved.dense_nbytes
+    assert summary["bytes_sparse"] == saved.nbytes < saved.dense_nbytes
