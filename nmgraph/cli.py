@@ -36,6 +36,7 @@ from typing import Any
 from nmgraph import report
 from nmgraph.analysis import analyze
 from nmgraph.capture import capture, set_eval, split_inputs
+from nmgraph.compress import model_summary
 from nmgraph.exporters import hf, serialize
 from nmgraph.exporters.onnx_export import FORMATS, export
 from nmgraph.oneshot import sparsify
@@ -319,12 +320,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                                title=f"{type(loaded.model).__name__}: {plan.pattern} kept magnitude "
                                      f"(search={a.search})")
     steps.close()
+    summary = model_summary(loaded.model, plan.pattern, {i.name: i.axis for i in plan.layers}, planned=True)
     if a.json:
-        out = {"plan": plan.to_dict()}
+        out = {"model": summary.to_dict(), "plan": plan.to_dict()}
         if stats is not None:
             out["layers"] = report.to_dict(stats)
         _emit_json(out)
         return 0
+    print(summary.line())
     _print(plan)
     if stats is not None:
         _print(stats)
