@@ -280,7 +280,7 @@ def test_an_alias_cannot_rewire_one_layer_into_another(tmp_path):
 
     file = tmp_path / "m" / WEIGHTS_FILE
     tensors = {k: v for k, v in load_file(str(file)).items() if not k.startswith("4.weight::")}
-    save_file(tensors, str(file), metadata={"format": "nmgraph", "format_version": "2"})
+    save_file(tensors, str(file), metadata={"format": "nmgraph", "format_version": "3"})
     meta["files"][WEIGHTS_FILE] = {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
                                    "size": file.stat().st_size}
     _write_meta(tmp_path / "m", meta)
@@ -357,7 +357,7 @@ def test_a_changed_weights_header_is_refused(tmp_path):
     save(_mlp(), tmp_path / "m")
     file = tmp_path / "m" / WEIGHTS_FILE
     raw = file.read_bytes()
-    file.write_bytes(raw.replace(b'"format_version":"2"', b'"format_version":"3"'))
+    file.write_bytes(raw.replace(b'"format_version":"3"', b'"format_version":"4"'))
     with pytest.raises(SerializationError, match=r"though every tensor matches its own: its header or metadata"):
         load(tmp_path / "m", _mlp(seed=1))
 
@@ -518,3 +518,76 @@ def test_an_interrupted_load_leaves_the_model_as_it_was(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(calls) == 3  # two tensors had been loaded
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def _bit_planes(positions, m):
+    """The index layout of format version 2: bit b of the position of kept entry j at bit j % 8 of
+    planes[b, row, j // 8]."""
+    bits = max(1, (m - 1).bit_length())
+    rows, kept = positions.shape
+    planes = torch.stack([(positions >> b) & 1 for b in range(bits)])
+    planes = torch.nn.functional.pad(planes, (0, -kept % 8)).view(bits, rows, -1, 8)
+    return (planes * (2 ** torch.arange(8))).sum(-1).to(torch.uint8)
+
+
+def _rewrite_as_version_2(root):
+    """Turns a saved directory into what format version 2 wrote (bit-plane indices), signed."""
+    from safetensors.torch import load_file, save_file
+
+    meta = _meta(root)
+    file = root / WEIGHTS_FILE
+    tensors = load_file(str(file))
+    for name, info in meta["compressed"].items():
+        c = nmgraph.CompressedNM.from_state_dict(tensors, prefix=f"{name}::nm.")
+        tensors[f"{name}::nm.indices"] = _bit_planes(c.unpack_indices(), info["m"]).contiguous()
+    save_file(tensors, str(file), metadata={"format": "nmgraph", "format_version": "2"})
+    meta["format_version"] = 2
+    meta["tensors"] = {k: {"sha256": hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                           .hexdigest(), "dtype": str(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()}
+    meta["files"][WEIGHTS_FILE] = {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                   "size": file.stat().st_size}
+    _write_meta(root, meta)
+    return tensors
+
+
+def test_a_version_2_checkpoint_with_bit_planes_still_loads(tmp_path):
+    model = _mlp().to(torch.bfloat16)
+    save(model, tmp_path / "m")
+    tensors = _rewrite_as_version_2(tmp_path / "m")
+    assert tensors["0.weight::nm.indices"].shape == (2, 32, 1)  # 2 planes, 32 rows, 8 kept -> 1 byte
+    loaded = load(tmp_path / "m", _mlp(seed=1).to(torch.bfloat16))
+    _assert_same_state(model, loaded)
+    # saving it again writes the current version, with the combination code
+    save(loaded, tmp_path / "again")
+    assert _meta(tmp_path / "again")["format_version"] == 3
+
+
+def test_indices_that_disagree_with_the_version_are_refused(tmp_path):
+    save(_mlp(), tmp_path / "m")
+    _rewrite_as_version_2(tmp_path / "m")
+    meta = _meta(tmp_path / "m")
+    meta["format_version"] = 3
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"'0\.weight' stores its indices as bit planes, but nmgraph\.json "
+                                                 r"says format version 3"):
+        load(tmp_path / "m", _mlp(seed=1))
+
+
+def test_an_index_code_no_weight_has_is_refused(tmp_path):
+    """A checkpoint whose hashes match but whose index bytes are out of the code's range (written by
+    another tool): refused, naming the weight, not decoded to some other weights."""
+    from safetensors.torch import load_file, save_file
+
+    save(_mlp(), tmp_path / "m")
+    meta = _meta(tmp_path / "m")
+    file = tmp_path / "m" / WEIGHTS_FILE
+    tensors = load_file(str(file))
+    tensors["0.weight::nm.indices"][0, 0] = 255  # 2:4 packs 3 ranks of 6 per byte: 216 values
+    save_file(tensors, str(file), metadata={"format": "nmgraph", "format_version": "3"})
+    key = "0.weight::nm.indices"
+    meta["tensors"][key]["sha256"] = hashlib.sha256(tensors[key].contiguous().view(-1).numpy().tobytes()).hexdigest()
+    meta["files"][WEIGHTS_FILE] = {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                   "size": file.stat().st_size}
+    _write_meta(tmp_path / "m", meta)
+    with pytest.raises(SerializationError, match=r"Compressed weight '0\.weight': .*index bytes that no 2:4 weight"):
+        load(tmp_path / "m", _mlp(seed=1))

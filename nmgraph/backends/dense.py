@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from nmgraph.backends.base import Backend, GraphCall
 from nmgraph.backends.ops import check_x, register_frozen_linear
-from nmgraph.compress import CompressedNM
+from nmgraph.compress import CompressedNM, index_code
 from nmgraph.errors import ShapeError
+from nmgraph.pattern import Pattern
 
 __all__ = ["DenseBackend", "decompress_linear", "linear_weight", "nm_linear_dense"]
 
@@ -53,10 +54,7 @@ def decompress_linear(values: torch.Tensor, indices: torch.Tensor, n: int, m: in
     True
     """
     rows, kept = values.shape
-    shifts = torch.arange(8, device=indices.device, dtype=torch.uint8)
-    bits = (indices.unsqueeze(-1) >> shifts).bitwise_and(1).flatten(-2)[..., :kept].long()
-    planes = torch.arange(bits.shape[0], device=indices.device).view(-1, 1, 1)
-    idx = (bits << planes).sum(0)  # [rows, kept] in-group positions
+    idx = index_code(Pattern(n, m)).decode(indices, kept // n)  # [rows, kept] in-group positions
     groups = kept // n
     dense = values.new_zeros(rows, groups, m)
     dense.scatter_(-1, idx.view(rows, groups, n), values.view(rows, groups, n))
@@ -104,7 +102,7 @@ def nm_linear_dense(
     in_features: int,
 ) -> torch.Tensor:
     """``x @ W^T + bias`` with ``W`` the ``[out_features, in_features]`` weight of a 2-D
-    :class:`~nmgraph.compress.CompressedNM` (its values and index bit planes), decompressed per call."""
+    :class:`~nmgraph.compress.CompressedNM` (its values and combination-coded indices), decompressed per call."""
     check_x(x, in_features, "nm_linear_dense")
     return F.linear(x, decompress_linear(values, indices, n, m), bias)
 

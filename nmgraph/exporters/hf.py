@@ -14,8 +14,8 @@ loads as a normal model:
   ``nmgraph_permutations.json``);
 * the weights: by default dense-stored N:M weights, written by the model's own ``save_pretrained``
   (sharded like any checkpoint, in the model's dtype); with ``compressed=True`` nmgraph's compressed
-  form instead (``nmgraph.json`` + ``weights.safetensors``: kept values and bit-packed in-group
-  indices, 0.5625 of the dense bytes for a 2:4 weight in bf16/fp16), which :func:`from_pretrained` /
+  form instead (``nmgraph.json`` + ``weights.safetensors``: kept values and a combination code of
+  each group's kept set, 13/24 = 0.542 of the dense bytes for a 2:4 weight in bf16/fp16), which :func:`from_pretrained` /
   ``nmgraph.load`` decompress, checking every tensor's checksum;
 * ``README.md`` with a model-card section: what was pruned, by which method, what it kept, and the
   measured output change.

@@ -7,7 +7,8 @@ Layout of a saved directory (format version :data:`FORMAT_VERSION`)::
                            a SHA-256 and size per file below, the plan, the permutations, free-form
                            metadata, and a signature over all of it
     weights.safetensors    N:M weights as CompressedNM state tensors ("<name>::nm.values",
-                           "::nm.indices", "::nm.meta"), every other parameter and buffer as is
+                           "::nm.indices" (the combination code of nmgraph.compress), "::nm.meta"),
+                           every other parameter and buffer as is
     inputs.safetensors     the example inputs, when given
     program.pt2            optional: a torch.export program of the model *without* its weights
                            (they live in weights.safetensors), so a directory loads without the
@@ -30,6 +31,10 @@ What a load checks, before it reads a tensor or imports anything:
 old files moved aside first and put back on any failure, ``KeyboardInterrupt`` included), so an
 interrupted save leaves the previous checkpoint loadable. Pruned entries come back as ``+0.0``: a
 ``-0.0`` left by ``w * mask`` loads as ``+0.0`` (equal under ``torch.equal`` and in every product).
+
+Versions: 3 stores in-group indices as a combination code (2.67 bits per 2:4 group); 2 stored them as
+bit planes (2 bits per kept value) and still loads (its indices are re-encoded on reading). Version 1
+(unsigned manifests) is refused with how to re-save.
 """
 
 from __future__ import annotations
@@ -77,7 +82,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "nmgraph"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the oldest version :func:`load` reads (2: indices as bit planes, re-encoded on reading)
+MIN_FORMAT_VERSION = 2
 META_FILE = "nmgraph.json"
 WEIGHTS_FILE = "weights.safetensors"
 INPUTS_FILE = "inputs.safetensors"
@@ -501,11 +508,11 @@ def _read_meta(root: Path, key: bytes | None) -> dict[str, Any]:
             f"{str(file)!r} has format version {version!r}; this nmgraph reads up to "
             f"{FORMAT_VERSION}. Upgrade nmgraph."
         )
-    if version < FORMAT_VERSION:
+    if version < MIN_FORMAT_VERSION:
         raise SerializationError(
             f"{str(file)!r} has format version {version}, written by an nmgraph that did not sign its "
-            f"checkpoints; this nmgraph reads signed checkpoints (version {FORMAT_VERSION}) only. Load it "
-            "with the nmgraph that wrote it and save it again."
+            f"checkpoints; this nmgraph reads signed checkpoints (versions {MIN_FORMAT_VERSION} to "
+            f"{FORMAT_VERSION}) only. Load it with the nmgraph that wrote it and save it again."
         )
     _check_signature(meta, key, file)
     _check_fields(meta, file)
@@ -714,8 +721,18 @@ def _read_state(root: Path, meta: Mapping[str, Any], map_location) -> dict[str, 
     state: dict[str, torch.Tensor] = {}
     for name, info in meta["compressed"].items():
         prefix = f"{name}{_NM}"
+        legacy = meta["format_version"] < 3
+        indices = raw.get(f"{prefix}indices")
+        if indices is not None and (indices.dim() == 3) != legacy:
+            raise SerializationError(
+                f"Compressed weight {name!r} stores its indices as "
+                f"{'bit planes' if not legacy else 'a combination code'}, but {META_FILE} says format version "
+                f"{meta['format_version']}: the files are from different saves."
+            )
         try:
             c = CompressedNM.from_state_dict(raw, prefix=prefix)
+            if not legacy:
+                c.check()
         except SerializationError as e:
             raise SerializationError(f"Compressed weight {name!r}: {e}") from None
         if list(c.shape) != list(info["shape"]) or int(c.axis) != int(info["axis"]):

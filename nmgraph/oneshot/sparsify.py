@@ -31,6 +31,7 @@ import torch
 
 from nmgraph.analysis import analyze
 from nmgraph.capture import capture
+from nmgraph.compress import compressed_nbytes
 from nmgraph.errors import ArgumentError, CaptureError, StrictModeError, VerificationError
 from nmgraph.oneshot.calibration import Calibration, CalibrationError, Sample, load_calibration
 from nmgraph.oneshot.permutation import DEFAULT_MAX_ROWS, search_groups
@@ -365,13 +366,6 @@ def _check_permuted(model: torch.nn.Module, sample: Sample, before: torch.Tensor
             "analysis missed; please report the model. Workaround: permute=False.")
 
 
-def _compressed_bytes(shape: tuple[int, ...], axis: int, elem: int, p: Any) -> int:
-    k = shape[axis]
-    rows = math.prod(shape) // k
-    kept = k // p.m * p.n
-    return rows * kept * elem + p.index_bits * rows * math.ceil(kept / 8)
-
-
 def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, reference, after, evaluation, in_sample, cal,
             n_calib, stages, time_limit, peak, sequential, notes, start) -> SparsifyReport:
     own = list(model.parameters())  # each Parameter once, tied ones included once
@@ -384,8 +378,8 @@ def _report(model, gm_params, plan, p, method, outcomes, groups, per_layer, refe
     sparse_bytes = dense_bytes
     for o in pruned:
         info = by_name[o.name]
-        elem = params[o.name].element_size() if o.name in params else 4
-        sparse_bytes += _compressed_bytes(info.shape, info.axis, elem, p) - math.prod(info.shape) * elem
+        dtype = params[o.name].dtype if o.name in params else torch.float32
+        sparse_bytes += compressed_nbytes(info.shape, p, dtype, axis=info.axis) - math.prod(info.shape) * dtype.itemsize
     num = den = 0.0
     for (y0, _), (y1, _) in zip(reference, after):
         if y0 is not None and y1 is not None and y0.shape == y1.shape:

@@ -1,9 +1,9 @@
-"""Kernel-friendly storage of an N:M weight: the same values and index bits as
+"""Kernel-friendly storage of an N:M weight: the same values and in-group positions as
 :class:`~nmgraph.compress.CompressedNM`, laid out for 16-byte loads and 32-bit index words.
 
-:class:`CompressedNM` stays the file format. Its layout suits a decoder that reads one byte at a time
-(``indices`` are ``bits`` separate ``uint8`` planes, 8 kept entries per byte, each plane a separate
-array). The kernels in this package read :class:`PackedNM` instead, built once per layer at lowering
+:class:`CompressedNM` stays the file format. Its ``indices`` are a combination code (the rank of each
+group's kept set, several groups per byte chunk), the smallest to store but decoded with divisions or
+a table. The kernels in this package read :class:`PackedNM` instead, built once per layer at lowering
 time by :func:`repack`:
 
 * ``values``: ``[rows, kept_pad]`` in the weight's dtype, the kept entries of each row in order of
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nmgraph.compress import CompressedNM
+from nmgraph.compress import CompressedNM, index_code
 from nmgraph.errors import SerializationError, ShapeError, UnsupportedError
 from nmgraph.pattern import Pattern
 
@@ -145,18 +145,11 @@ class PackedNM:
         return idx.reshape(self.rows, -1)[:, : self.kept]
 
     def to_compressed(self) -> CompressedNM:
-        """The :class:`CompressedNM` this was packed from, bit for bit (values and index planes)."""
-        idx = self.unpack_indices()
+        """The :class:`CompressedNM` this was packed from, bit for bit (values and indices)."""
         kept = self.kept
-        planes = torch.stack([(idx >> b) & 1 for b in range(self.bits)]).to(torch.uint8)
-        pad = (-kept) % 8
-        if pad:
-            planes = torch.nn.functional.pad(planes, (0, pad))
-        planes = planes.view(self.bits, self.rows, -1, 8)
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=idx.device)
-        packed = (planes.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+        indices = index_code(self.pattern).encode(self.unpack_indices())
         values = self.values[:, :kept].contiguous()
-        return CompressedNM(values, packed.contiguous(), self.shape, self.n, self.m, self.axis)
+        return CompressedNM(values, indices.contiguous(), self.shape, self.n, self.m, self.axis)
 
     def linear_dense(self) -> torch.Tensor:
         """The dense ``[rows, K]`` weight (``[out_features, in_features]``, pruned entries zero).
@@ -203,13 +196,7 @@ def repack(weight: CompressedNM) -> PackedNM:
     rows, kept = weight.values.shape
     kept_pad = _round_up(kept, CHUNK)
     values = weight.values
-    idx = weight.unpack_indices()  # [rows, kept] int64
-    if p.n > 1 and kept and not bool((idx.view(rows, -1, p.n).diff(dim=-1) > 0).all()):
-        raise SerializationError(
-            f"repack: the {p} weight of shape {weight.shape} has a group whose kept indices are not strictly "
-            "increasing (nmgraph.compress always sorts them); the kernels rely on that order. Rebuild it "
-            "with nmgraph.compress(weight.to_dense(), pattern)."
-        )
+    idx = weight.unpack_indices()  # [rows, kept] int64, strictly increasing in each group (a combination code)
     if kept_pad != kept:
         values = torch.nn.functional.pad(values, (0, kept_pad - kept))
         idx = torch.nn.functional.pad(idx, (0, kept_pad - kept))
