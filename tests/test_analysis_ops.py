@@ -480,6 +480,54 @@ def test_weight_normed_consumer_joins_the_stream_it_reads(dim):
     assert "remove the weight norm" in reasons["wn.parametrizations.weight.original1"]
 
 
+class GroupedWeightNormConv(nn.Module):
+    """wav2vec2's positional convolution: a grouped Conv1d weight_norm'ed over its kernel axis (dim=2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.out = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.conv = torch.nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(16, 16, 3, padding=1, groups=4), name="weight", dim=2)
+        with torch.no_grad():
+            self.conv.parametrizations.weight.original0.uniform_(0.5, 2.0)
+
+    def forward(self, x):  # [B, T, 8]
+        h = self.l1(x)
+        return self.out(h + self.conv(h.transpose(1, 2)).transpose(1, 2))
+
+
+def test_grouped_conv_with_a_weight_normed_weight_keeps_its_columns():
+    # column j of each group of a grouped conv reads a different input channel: v's columns may not
+    # move on their own (they did, and wav2vec2 / HuBERT failed permute's verification)
+    torch.manual_seed(0)
+    plan = _check(GroupedWeightNormConv(), torch.randn(2, 5, 8), include=["out"])
+    assert _group_with(plan, "conv.parametrizations.weight.original1", 1) is None
+    assert "grouped convolution (groups=4) shares weight columns" in _barrier_reasons(plan)
+
+
+class DataDependentSlice(nn.Module):
+    """DeBERTa's relative positions: a table sliced with bounds read from a tensor (``.item()``), so
+    the captured slice has a data-dependent size; a plain MLP beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 8))
+        self.q, self.l1, self.l2 = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x, n):
+        rel = self.q(self.table[: n.item()])
+        return self.l2(torch.relu(self.l1(x))) + rel.sum(0)
+
+
+def test_a_data_dependent_shape_is_a_barrier_not_a_crash():
+    torch.manual_seed(0)
+    plan = _check(DataDependentSlice(), torch.randn(3, 8), torch.tensor(5), include=["l2"])
+    assert "shape depends on tensor values" in _barrier_reasons(plan)
+    assert _group_with(plan, "q.weight") is None  # read on a data-dependent tensor: stays put
+    g = _group_with(plan, "l2.weight", 1)  # the rest of the model is analyzed as before
+    assert g is not None and any(m.name == "l1.weight" and m.axis == 0 for m in g.members)
+
+
 class Recurrent(nn.Module):
     """An LSTMCell unrolled over the steps (Silero VAD's decoder), a GRUCell, and fused LSTM/GRU."""
 

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -358,3 +359,32 @@ def test_an_interrupt_at_any_step_leaves_the_model_bit_identical(monkeypatch, wh
         nmgraph.permute(gm, plan, **kwargs)
     assert calls["n"] >= 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_float64_recheck_gets_past_the_input_checks_of_an_exported_graph():
+    # An exported graph checks its inputs' dtype in a forward pre-hook; the float64 re-run feeds
+    # float64 inputs, so it must call the graph's forward itself (wav2vec2 and HuBERT, whose inputs
+    # are float audio, reported "the float64 re-run could not run: Tensor dtype mismatch").
+    from nmgraph.passes.permute_channels import FLOAT64_TOLERANCE, _float64_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(3, 8)
+    gm = nmgraph.capture(model, (x,))
+    with pytest.raises(Exception, match="dtype"):  # what the exported graph does with float64 inputs
+        gm(x.double())
+    plan = nmgraph.analyze(gm, "2:4", dense_head=False)
+    g = plan.groups[0]
+    perm = g.random_permutation(torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    apply_permutation(gm, g, perm)
+    err, why = _float64_error(gm, [(g, perm)], (x,), {})
+    assert why == "" and err is not None and err < FLOAT64_TOLERANCE
+    assert all(p.dtype == torch.float32 for p in gm.parameters())  # converted back
+    apply_permutation(gm, g, torch.argsort(perm))
+    assert all(torch.equal(before[n], p) for n, p in gm.named_parameters())  # exactly, once
+    # the check can fail: a "group" missing its consumer's columns changes the function
+    partial = dataclasses.replace(g, members=tuple(m for m in g.members if m.axis == 0))
+    apply_permutation(gm, partial, perm)
+    err, why = _float64_error(gm, [(partial, perm)], (x,), {})
+    assert why == "" and err > 1e-3

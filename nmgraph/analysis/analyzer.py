@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 from nmgraph.analysis.eligibility import find_layers
 from nmgraph.analysis.flow import Flow
 from nmgraph.analysis.groups import collect_groups
-from nmgraph.analysis.nodes import attr_value, mutates, op_name, shape_of
+from nmgraph.analysis.nodes import attr_value, data_dependent, mutates, op_name, shape_of
 from nmgraph.analysis.plan import LayerInfo, Skip, SparsityPlan
 from nmgraph.analysis.rules import Rule, output_barrier, rule_of, rule_table
 from nmgraph.errors import UnsupportedError
@@ -111,16 +111,15 @@ def analyze(
             continue
         if not node.users and not mutates(node):
             continue  # dead code (a value nothing reads) constrains no channel
+        if any(data_dependent(n) for n in (node, *node.all_input_nodes)):
+            _barrier_inputs(flow, node, f"{node.name}: {op_name(node)} on a tensor whose shape depends on "
+                                        "tensor values (data-dependent size)")
+            continue
         rule = rule_of(node, table)
         if rule is None:
             what = op_name(node)
             unknown[what] = unknown.get(what, 0) + 1
-            for a in node.all_input_nodes:
-                for s in flow.spaces_of(a):
-                    flow.barrier(s.index, f"{node.name}: {what} is not in nmgraph's op table")
-                if a.op == "get_attr" and attr_value(a) is not None:
-                    for ax in range(len(shape_of(a))):
-                        flow.barrier(flow.at(a, (ax,)), f"{node.name}: {what} is not in nmgraph's op table")
+            _barrier_inputs(flow, node, f"{node.name}: {what} is not in nmgraph's op table")
             continue
         rule(flow, node)
     flow.finish_slices()
@@ -151,6 +150,17 @@ def analyze(
     plan = SparsityPlan(p, tuple(layers), skipped, tuple(groups), barriers)
     log.info("analyze: %d eligible, %d dense, %d groups", len(layers), len(found.skipped), len(groups))
     return plan
+
+
+def _barrier_inputs(flow: Flow, node: fx.Node, reason: str) -> None:
+    """A node no rule can read: every channel space of its inputs, and every axis of a weight it reads
+    directly, is a barrier."""
+    for a in node.all_input_nodes:
+        for s in flow.spaces_of(a):
+            flow.barrier(s.index, reason)
+        if a.op == "get_attr" and attr_value(a) is not None:
+            for ax in range(len(shape_of(a))):
+                flow.barrier(flow.at(a, (ax,)), reason)
 
 
 class _Readable:

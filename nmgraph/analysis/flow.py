@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from nmgraph.analysis.aten_ops import BINARY_OPS, EXPAND_OPS, FILL_OPS, UNARY_OPS
-from nmgraph.analysis.nodes import norm_dim, op_name, shape_of, val_of
+from nmgraph.analysis.nodes import data_dependent, norm_dim, op_name, shape_of, val_of
 
 __all__ = ["Axes", "ChannelClass", "Flow", "Repeat", "Segment", "Space", "backward_source", "constant_along",
            "gcd_block"]
@@ -250,7 +250,7 @@ def backward_source(node: fx.Node, axes: Axes) -> tuple[fx.Node, Axes] | None:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     src = node.args[0]
-    if val_of(src) is None and src.op != "get_attr":
+    if (val_of(src) is None and src.op != "get_attr") or data_dependent(src) or data_dependent(node):
         return None
     in_shape, out_shape = shape_of(src), shape_of(node)
     single = node.target in BINARY_OPS and len([a for a in node.args if isinstance(a, fx.Node)]) == 1
@@ -291,7 +291,7 @@ def constant_along(node: fx.Node, axes: Axes) -> bool:
         return False
     if node.target in FILL_OPS:
         return True
-    if node.target not in EXPAND_OPS or not isinstance(node.args[0], fx.Node):
+    if node.target not in EXPAND_OPS or not isinstance(node.args[0], fx.Node) or data_dependent(node.args[0]):
         return False
     in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
     shift = len(out_shape) - len(in_shape)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from nmgraph.analysis.aten_ops import CAST_OPS, TRANSPOSE_OPS, RnnWeights, rnn_weights
 from nmgraph.errors import UnsupportedError
@@ -18,6 +19,7 @@ __all__ = [
     "arg_of",
     "attr_value",
     "conv_groups",
+    "data_dependent",
     "is_weight",
     "linear_of_transposed",
     "module_of",
@@ -44,6 +46,18 @@ def val_of(node: Any) -> torch.Tensor | None:
         return v
     v = node.meta.get("tensor_meta")
     return v if v is not None and hasattr(v, "shape") else None
+
+
+def data_dependent(node: Any) -> bool:
+    """Whether the shape of what ``node`` computes depends on tensor values (an unbacked symbol, e.g. a
+    slice whose bounds come from ``.item()``): no channel axis of such a tensor can be read statically."""
+    if not isinstance(node, fx.Node):
+        return False
+    vals = node.meta.get("val")
+    for v in vals if isinstance(vals, (tuple, list)) else (vals,):
+        if isinstance(v, torch.Tensor) and free_unbacked_symbols(v.shape):
+            return True
+    return False
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...]:

@@ -340,6 +340,8 @@ def _conv(flow: Flow, node: fx.Node) -> None:
         why = "transposed convolution" if transposed else "convolution with a computed weight"
         flow.barrier(flow.at(x, (1,)), f"{node.name}: {why}")
         flow.barrier(out, f"{node.name}: {why}")
+        for s in flow.spaces_of(w):  # a computed weight whose axes are tracked (weight_norm's v)
+            flow.barrier(s.index, f"{node.name}: {why}")
         return
     c_in, c_out = shape_of(x)[1], shape_of(node)[1]
     flow.union(out, flow.at(w, (0,)), op_name(node))
@@ -351,8 +353,9 @@ def _conv(flow: Flow, node: fx.Node) -> None:
         flow.union(flow.at(x, (1,)), out, op_name(node))
     else:
         flow.constrain_block(out, c_out // groups)
-        flow.barrier(flow.at(x, (1,)), f"{node.name}: grouped convolution (groups={groups}) shares "
-                     "weight columns across groups")
+        reason = f"{node.name}: grouped convolution (groups={groups}) shares weight columns across groups"
+        flow.barrier(flow.at(x, (1,)), reason)
+        flow.barrier(flow.at(w, (1,)), reason)  # column j of every group reads a different input channel
 
 
 def _layer_norm(flow: Flow, node: fx.Node) -> None:

@@ -279,18 +279,20 @@ def _dropout_off(gm: fx.GraphModule) -> Iterator[None]:
             gm.recompile()
 
 
-def _outputs(gm: fx.GraphModule, args, kwargs) -> list[torch.Tensor]:
+def _outputs(gm: fx.GraphModule, args, kwargs, hooks: bool = True) -> list[torch.Tensor]:
     """The graph's floating-point outputs, leaving no trace: same RNG stream, buffers restored.
 
     A graph captured in training mode updates BatchNorm running statistics when it runs; the
-    verification runs must not, so every buffer is put back afterwards.
+    verification runs must not, so every buffer is put back afterwards. ``hooks=False`` calls
+    ``forward`` without the module's hooks: the float64 re-run feeds float64 inputs, which the input
+    checks of an exported graph (dtype and shape guards, a forward pre-hook) refuse.
     """
     buffers = [b for _, b in gm.named_buffers(remove_duplicate=True)]
     saved = [b.detach().clone() for b in buffers]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
-            out = gm(*args, **kwargs)
+            out = gm(*args, **kwargs) if hooks else gm.forward(*args, **kwargs)
         finally:
             for b, v in zip(buffers, saved):
                 b.copy_(v)
@@ -843,11 +845,11 @@ def _float64_error(gm, applied, args, kwargs) -> tuple[float | None, str]:
             t.data = t.data.double()
         a64, k64 = pytree.tree_map(wide, (tuple(args), dict(kwargs)))
         try:
-            new = _outputs(gm, a64, k64)
+            new = _outputs(gm, a64, k64, hooks=False)
             for g, perm in reversed(applied):
                 apply_permutation(gm, g, torch.argsort(perm))
             try:
-                old = _outputs(gm, a64, k64)
+                old = _outputs(gm, a64, k64, hooks=False)
             finally:
                 for g, perm in applied:
                     apply_permutation(gm, g, perm)
