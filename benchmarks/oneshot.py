@@ -6,7 +6,8 @@ CPU on the source of the Python standard library (the ``*.py`` files next to ``o
 ``out/oneshot_cache/`` (gitignored). Then every eligible weight (the decoder's Linear layers; the
 embedding and the output head stay dense) is made N:M by :func:`nmgraph.sparsify` with each method,
 with and without channel permutation, on 128 calibration windows of the training text (8 more held
-out for the report's output change), and the validation bits per byte are measured.
+out for the report's output change and loss, by which a permutation is kept or not; the windows carry
+their labels), and the validation bits per byte are measured.
 
     python benchmarks/oneshot.py                       # the table of docs/results.md (2 seeds)
     python benchmarks/oneshot.py --quick               # a few training steps, every method once (a test)
@@ -160,7 +161,9 @@ def run_table(args) -> dict:
               f"{info['train_seconds']:.0f} s)", flush=True)
         results.append({"seed": seed, "variant": "dense", "pattern": "-", "bpb": dense_bpb, "seconds": 0.0})
         cal_windows = windows(train_data, args.calibration + args.holdout, args.context, seed=777 + seed)
-        calibration = [w[:-1] for w in cal_windows]  # 1-D byte sequences: one sample each
+        # one sample per window, with labels: the model returns its loss, which the report gives and by which
+        # sparsify decides whether to keep a permutation
+        calibration = [{"input_ids": w[:-1].unsqueeze(0), "labels": w[:-1].unsqueeze(0)} for w in cal_windows]
         for pattern in patterns:
             for name, method, permute in VARIANTS:
                 if pattern == "1:4" and name not in ONE_FOUR:
@@ -179,7 +182,8 @@ def run_table(args) -> dict:
                 bpb = bits_per_byte(model, val)
                 row = {"seed": seed, "variant": name, "pattern": pattern, "bpb": bpb, "delta": bpb - dense_bpb,
                        "seconds": seconds, "output_rel_error": report.output_rel_error,
-                       "layer_error": report.layer_error, "permutation_gain": report.permutation_gain,
+                       "layer_error": report.layer_error, "loss_dense": report.loss_dense,
+                       "loss_sparse": report.loss_sparse, "permutation_gain": report.permutation_gain,
                        "stages": report.stages, "layers": len(report.layers),
                        "permutation_accepted": report.permutation_accepted,
                        "error_permuted": report.error_permuted, "error_unpermuted": report.error_unpermuted,
@@ -188,7 +192,7 @@ def run_table(args) -> dict:
                 gain = "" if report.permutation_gain is None else f", saliency kept {report.permutation_gain:+.2%}"
                 if report.permutation_accepted is not None:
                     gain += (f", permutation {'accepted' if report.permutation_accepted else 'rejected'} (held-out "
-                             f"error {report.error_permuted:.5f} with, {report.error_unpermuted:.5f} without)")
+                             f"loss {report.error_permuted:.5f} with, {report.error_unpermuted:.5f} without)")
                 print(f"  {pattern} {name:<15} {bpb:.4f} bpb ({bpb - dense_bpb:+.4f}) in {seconds:5.1f} s, "
                       f"output error {report.output_rel_error:.4f}{gain}", flush=True)
     out = {"args": vars(args), "corpus": corpus, "torch": torch.__version__, "platform": platform.platform(),

@@ -69,10 +69,10 @@ class SparsifyReport:
     activations held at once by the pruning pass); ``sequential``.
 
     Permutation decision: ``permutation_accepted`` (``None`` when no permutation was tried: none
-    asked for, none found, or no time for it), ``error_permuted`` and ``error_unpermuted``: how far
-    the model pruned with and without the permutation is from the dense one on the held-out samples
-    (the relative output error; the mean loss or the layers' RMS error for a model without a main
-    output). The permutation is kept only when the first is smaller.
+    asked for, none found, or no time for it), ``error_permuted`` and ``error_unpermuted``: the
+    model pruned with and without the permutation on the held-out samples: the mean loss when the
+    samples carry labels, else the relative output error against the dense model (the layers' RMS
+    error for a model without either). The permutation is kept only when the first is smaller.
 
     Detail: ``layers`` (:class:`LayerReport`), ``groups`` (:class:`GroupReport`), ``skipped`` (weights
     left dense, with the reason), ``notes``.

@@ -5,8 +5,8 @@ channels move together); run the dense model on held-out samples; prune every el
 by layer (:mod:`nmgraph.oneshot.sequential`) and run the held-out samples again. With ``permute``,
 then: put the dense weights back (the pruned ones kept aside), search a channel permutation per group
 under the method's own saliency within the time budget (:mod:`nmgraph.oneshot.permutation`), apply
-it, prune again and keep whichever of the two pruned models is closer to the dense one on the
-held-out samples; a rejected permutation is undone and the first result written back, so it leaves
+it, prune again and keep whichever of the two pruned models does better on the held-out samples (their
+loss when the samples carry labels, else the relative error of the main output); a rejected permutation is undone and the first result written back, so it leaves
 exactly the weights ``permute=False`` gives. The report says how far the outputs moved and, for the
 permutation, both errors.
 
@@ -103,7 +103,8 @@ def sparsify(
     ``permute``: after pruning, also try a channel permutation: search one per group of the plan under
     the method's own saliency (row-sampled to ``max_score_rows`` rows per group; a group's permutation
     is adopted when it keeps more of that saliency over all its consumers), prune the dense weights
-    again with it, and keep it only if the held-out output error is then smaller than without it
+    again with it, and keep it only if the held-out loss (samples with labels) or, without labels,
+    output error is then smaller than without it
     (``report.permutation_accepted``, ``error_permuted``, ``error_unpermuted``); otherwise the
     weights are exactly those of ``permute=False``. This costs a second pruning pass.
     ``time_limit`` (seconds) bounds the whole call: the search gets what is left after the measured
@@ -385,7 +386,7 @@ def _evaluate(model: torch.nn.Module, samples: list[Sample]) -> list[tuple[torch
     return results
 
 
-_METRIC_NAME = {"output": "relative output error", "loss": "loss", "layers": "RMS of the layers' errors"}
+_METRIC_NAME = {"loss": "loss", "output": "relative output error", "layers": "RMS of the layers' errors"}
 
 
 def _output_error(reference, after) -> float | None:
@@ -399,20 +400,21 @@ def _output_error(reference, after) -> float | None:
 
 
 def _metric(reference, after) -> str:
-    if _output_error(reference, after) is not None:
-        return "output"
-    return "loss" if after and all(x is not None for _, x in after) else "layers"
+    if after and all(x is not None for _, x in after):
+        return "loss"
+    return "output" if _output_error(reference, after) is not None else "layers"
 
 
 def _distance(reference, after, outcomes) -> float:
-    """How far the pruned model is from the dense one on the held-out samples (smaller is better): the
-    relative error of the main output; for a model without one, its mean loss; without either, the
-    RMS of the layers' relative reconstruction errors."""
+    """How good the pruned model is on the held-out samples (smaller is better): the mean loss the model
+    returns when the samples carry labels (what the model is trained for); else the relative error of
+    its main output against the dense model's; without either, the RMS of the layers' relative
+    reconstruction errors."""
     kind = _metric(reference, after)
-    if kind == "output":
-        return _output_error(reference, after)
     if kind == "loss":
         return sum(x for _, x in after) / len(after)
+    if kind == "output":
+        return _output_error(reference, after)
     errs = [o.rel_error for o in outcomes if o.rel_error is not None]
     return (sum(e * e for e in errs) / len(errs)) ** 0.5 if errs else 0.0
 

@@ -288,3 +288,18 @@ def test_a_permutation_that_changes_a_bf16_model_is_caught_and_undone(monkeypatc
     with pytest.raises(nmgraph.VerificationError, match="changed the model's main output"):
         nmgraph.sparsify(model, "2:4", method="magnitude", calibration=models.tokens(4), search="random")
     _assert_same(model, snap)
+
+
+def test_with_labels_the_permutation_is_decided_by_the_held_out_loss():
+    torch.manual_seed(0)
+    model = models.llama()
+    snap = _snapshot(model)
+    cal = [{"input_ids": t.unsqueeze(0), "labels": t.unsqueeze(0)} for t in models.tokens(8)]
+    report = nmgraph.sparsify(model, "2:4", method="wanda", calibration=cal, permute=True)
+    plain = models.llama()
+    plain.load_state_dict(snap)
+    expected = nmgraph.sparsify(plain, "2:4", method="wanda", calibration=cal, permute=False)
+    assert report.permutation_accepted is not None
+    assert report.error_unpermuted == expected.loss_sparse  # the same pruning, the same held-out samples
+    assert report.loss_sparse == min(report.error_permuted, report.error_unpermuted)
+    assert report.permutation_accepted == (report.error_permuted < report.error_unpermuted)
