@@ -11,7 +11,7 @@ from nmgraph.analysis import analyze
 from nmgraph.analysis.plan import LayerInfo, Member, PermutationGroup, Skip, SparsityPlan
 from nmgraph.capture import capture
 from nmgraph.compress import CompressedNM, compress
-from nmgraph.deploy import CompiledModule, CompileOptions, compile
+from nmgraph.deploy import CompiledModule, CompileOptions, CompileReport, TorchCompileBackend, compile
 from nmgraph.errors import (
     ArgumentError,
     BackendUnavailableError,
@@ -43,6 +43,7 @@ __all__ = [
     "CaptureError",
     "CaptureWarning",
     "CompileOptions",
+    "CompileReport",
     "CompiledModule",
     "CompressedNM",
     "ExportReport",
@@ -64,6 +65,7 @@ __all__ = [
     "SparsityCallback",
     "SparsityPlan",
     "StrictModeError",
+    "TorchCompileBackend",
     "UnsupportedError",
     "VerificationError",
     "__version__",

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -37,8 +36,10 @@ from typing import Any
 from nmgraph import report
 from nmgraph.analysis import analyze
 from nmgraph.capture import capture, set_eval, split_inputs
+from nmgraph.compress import model_summary
 from nmgraph.exporters import hf, serialize
 from nmgraph.exporters.onnx_export import FORMATS, export
+from nmgraph.oneshot import sparsify
 from nmgraph.passes.permute_channels import permute
 from nmgraph.pattern import is_nm
 from nmgraph.report import layer_stats, print_report
@@ -319,12 +320,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                                title=f"{type(loaded.model).__name__}: {plan.pattern} kept magnitude "
                                      f"(search={a.search})")
     steps.close()
+    summary = model_summary(loaded.model, plan.pattern, {i.name: i.axis for i in plan.layers}, planned=True)
     if a.json:
-        out = {"plan": plan.to_dict()}
+        out = {"model": summary.to_dict(), "plan": plan.to_dict()}
         if stats is not None:
             out["layers"] = report.to_dict(stats)
         _emit_json(out)
         return 0
+    print(summary.line())
     _print(plan)
     if stats is not None:
         _print(stats)
@@ -409,22 +412,15 @@ def _sparsify_pretrained(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.resolve() == src.resolve():
         raise CLIError(f"--out {a.out!r} is the input directory; write the sparse model to another one")
-    # nmgraph.sparsify lives in nmgraph.oneshot (issue 15); read it off the loaded package so this
-    # command works (with a clear message) in a tree that does not have it yet
-    sparsify = getattr(sys.modules.get("nmgraph"), "sparsify", None)
-    if sparsify is None:
-        raise CLIError("this nmgraph has no nmgraph.sparsify (one-shot pruning); install a newer nmgraph")
     steps = _Steps(["load", "sparsify", "save"], "sparsify", a.quiet)
     with steps.step("load"):
         loaded = _pretrained_model(src, batch=a.batch, seq=a.seq)
         calibration = _calibration(src, a) if a.calibration else None
     search = a.search or "greedy"
-    options = {"search": search, "seed": a.seed}
-    accepted = inspect.signature(sparsify).parameters
     with steps.step("sparsify"):
         result = sparsify(loaded.model, a.pattern, method=a.method, example_inputs=loaded.args,
                           calibration=calibration, permute=search != "none", time_limit=a.time_limit,
-                          progress=not a.quiet, **{k: v for k, v in options.items() if k in accepted})
+                          progress=not a.quiet, search=search, seed=a.seed)
     with steps.step("save"):
         saved = hf.save_pretrained(loaded.model, out, pattern=a.pattern, compressed=a.compressed, report=result)
         hf.copy_side_files(src, out)

@@ -27,14 +27,15 @@ number from the shape alone). Format version 2 of the checkpoint stored indices 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import torch
 
 from nmgraph.errors import SerializationError, ShapeError
 from nmgraph.pattern import Pattern, PatternLike, group_view, is_nm, nm_mask, ungroup_view
 
-__all__ = ["CompressedNM", "IndexCode", "compress", "compressed_nbytes", "index_code"]
+__all__ = ["CompressedNM", "IndexCode", "ModelSummary", "compress", "compressed_nbytes", "index_code", "model_summary"]
 
 #: Widest chunk of a combination code, in bytes; a chunk's value stays below ``2**63`` (an int64).
 MAX_CHUNK_BYTES = 8
@@ -375,3 +376,74 @@ def compress(weight: torch.Tensor, pattern: PatternLike, *, axis: int = 1) -> Co
     indices = index_code(p).encode(idx_g.reshape(rows, g * p.n))
     axis = axis % weight.dim()
     return CompressedNM(values, indices.contiguous(), tuple(weight.shape), p.n, p.m, axis)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """The model-level line every report starts with: how many weights are N:M, what share of the
+    parameters they hold, and the bytes of all parameters dense and with the N:M weights stored as
+    :func:`compress` stores them (:func:`compressed_nbytes`), in the model's dtype.
+
+    ``nm_weights`` / ``dense_weights`` count weights (parameters of 2 or more dims, tied ones once):
+    N:M, and left dense. ``planned``: the N:M weights are the ones a plan will prune (not pruned yet).
+    """
+
+    pattern: str
+    nm_weights: int
+    dense_weights: int
+    nm_params: int
+    total_params: int
+    dtype: str
+    bytes_dense: int
+    bytes_compressed: int
+    planned: bool = False
+
+    @property
+    def share(self) -> float:
+        return self.nm_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_compressed / self.bytes_dense if self.bytes_dense else float("nan")
+
+    def line(self) -> str:
+        verb = "can be" if self.planned else "are"
+        return (f"model: {self.nm_weights} weights {verb} {self.pattern} ({self.share:.1%} of {self.total_params:,} "
+                f"parameters), {self.dense_weights} stay dense; {self.dtype}: {self.bytes_dense:,} bytes dense -> "
+                f"{self.bytes_compressed:,} with the {self.pattern} weights compressed ({self.ratio:.3f})")
+
+    def __str__(self) -> str:
+        return self.line()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "share": self.share, "ratio": self.ratio}
+
+
+def model_summary(model: torch.nn.Module, pattern: PatternLike, nm_weights: Mapping[str, int], *,
+                  planned: bool = False) -> ModelSummary:
+    """The :class:`ModelSummary` of ``model`` whose weights ``nm_weights`` (``{name: reduction axis}``)
+    are (or, ``planned``, will be) N:M. Every parameter counts once (tied ones under their first name).
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 2, bias=False))
+    >>> model_summary(m, "2:4", {"0.weight": 1}).line()
+    'model: 1 weights are 2:4 (80.0% of 40 parameters), 1 stay dense; float32: 160 bytes dense -> 100 with the 2:4 weights compressed (0.625)'
+    """
+    p = Pattern.parse(pattern)
+    params = dict(model.named_parameters())  # each Parameter once, under its first name
+    canon = {id(t): n for n, t in params.items()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    nm = {canon[id(every[n])]: axis for n, axis in nm_weights.items() if n in every}
+    by_dtype: dict[torch.dtype, int] = {}
+    for t in params.values():
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel()
+    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+    bytes_dense = sum(t.numel() * t.element_size() for t in params.values())
+    saved = sum(t.numel() * t.element_size() - compressed_nbytes(t.shape, p, t.dtype, axis=nm[n])
+                for n, t in params.items() if n in nm)
+    return ModelSummary(
+        pattern=str(p), nm_weights=len(nm),
+        dense_weights=sum(1 for n, t in params.items() if t.dim() >= 2 and n not in nm),
+        nm_params=sum(params[n].numel() for n in nm), total_params=sum(t.numel() for t in params.values()),
+        dtype=str(dtype).removeprefix("torch."), bytes_dense=bytes_dense, bytes_compressed=bytes_dense - saved,
+        planned=planned,
+    )

@@ -34,7 +34,7 @@ from nmgraph.search import SEARCHES
 from nmgraph.training import prepare, without_dropout
 from nmgraph.validate import check_plan_finite, check_seed, check_time_limit
 
-__all__ = ["CompileOptions", "CompiledModule", "compile", "nmgraph_backend"]
+__all__ = ["CompileOptions", "CompileReport", "CompiledModule", "TorchCompileBackend", "compile", "nmgraph_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -292,16 +292,50 @@ def compile(
     return CompiledModule(model, p, backend, mode, CompileOptions.from_dict(options))
 
 
+def _model_name(node: fx.Node) -> str | None:
+    """The qualified name in the user's model (``"0.weight"``) of a parameter Dynamo made a graph input,
+    read from the chain of Dynamo's ``source`` objects (``x._modules['0']._parameters['weight']``):
+    the keys of ``_modules`` / ``_parameters`` / ``_buffers`` lookups, outermost first. ``None`` when the
+    chain holds anything else between them (an attribute that is not a module, a list of parameters)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    parts: list[str] = []
+    while source is not None:
+        base = getattr(source, "base", None)
+        index = getattr(source, "index", None)
+        if isinstance(index, str) and getattr(base, "member", None) in ("_modules", "_parameters", "_buffers"):
+            parts.append(index)
+            source = getattr(base, "base", None)
+            continue
+        if base is None or getattr(base, "base", None) is None:
+            break  # the root: a local (``L['self']``), or an argument of a wrapper (``L['args'][0]``)
+        if hasattr(source, "index") or getattr(source, "member", None) not in (None, "_modules"):
+            return None
+        source = base
+    return ".".join(reversed(parts)) if parts else None
+
+
 def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
-    """Turns Dynamo's parameter placeholders into ``get_attr`` nodes of the same Parameter objects."""
+    """Turns Dynamo's parameter placeholders into ``get_attr`` nodes of the same Parameter objects,
+    under their names in the user's model where Dynamo's graph says them (so plans and reports name
+    ``0.weight``, not a graph input), else ``nmgraph_param_<i>``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real: list[int] = []
+    taken: set[str] = set()
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(value, torch.nn.Parameter):
             real.append(i)
             continue
-        name = f"nmgraph_param_{i}"
-        gm.register_parameter(name, value)
+        name = _model_name(node)
+        if name is None or name in taken or not _free_path(gm, name):
+            name = f"nmgraph_param_{i}"
+        taken.add(name)
+        owner_path, _, leaf = name.rpartition(".")
+        owner: torch.nn.Module = gm
+        for part in owner_path.split(".") if owner_path else ():
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, value)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
         attr.meta = dict(node.meta)
@@ -309,6 +343,23 @@ def _bind_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
         gm.graph.erase_node(node)
     gm.recompile()
     return gm, real
+
+
+def _free_path(gm: fx.GraphModule, name: str) -> bool:
+    """Whether ``name`` can be registered under ``gm``: each prefix is absent or a plain container
+    module nmgraph made, and the leaf is absent."""
+    owner: Any = gm
+    *path, leaf = name.split(".")
+    for part in path:
+        if not part.isidentifier() and not part.isdigit():
+            return False
+        child = getattr(owner, part, None)
+        if child is None:
+            return True
+        if type(child) is not torch.nn.Module:
+            return False
+        owner = child
+    return (leaf.isidentifier() or leaf.isdigit()) and not hasattr(owner, leaf)
 
 
 def _sizes_from_tensors(gm: fx.GraphModule, real: list[int], example_inputs: Sequence[Any]
@@ -350,6 +401,104 @@ def _sizes_from_tensors(gm: fx.GraphModule, real: list[int], example_inputs: Seq
     return gm, tensors, specs
 
 
+class TorchCompileBackend:
+    """A ``torch.compile`` backend object that keeps a report of what it did to each graph.
+
+    ``torch.compile(model, backend="nmgraph", options={...})`` runs the pipeline, but what it did
+    (the plan, the permutation, which GEMMs were lowered and why the others were not) stays inside
+    Dynamo. Made by the caller and passed as the backend, this object keeps it::
+
+        backend = nmgraph.TorchCompileBackend("2:4", time_limit=30)
+        opt = torch.compile(model, backend=backend)
+        opt(x)
+        print(backend.reports[0])
+
+    ``pattern``, ``backend`` (the kernel backend, as in :func:`compile`) and ``inductor`` (hand the
+    lowered graph to inductor, default ``True``) are those of the ``"nmgraph"`` backend's options;
+    ``options`` are the fields of :class:`CompileOptions`, checked here. ``options=`` given to
+    ``torch.compile`` as well are added to them (a name given twice takes torch.compile's value).
+    ``reports`` holds one :class:`CompileReport` per graph Dynamo compiled, in order (a graph break
+    or a recompilation for new shapes adds one); ``compiled`` the matching :class:`CompiledModule`.
+    State lives in the object, so two models compiled with two objects never share it.
+    """
+
+    def __init__(self, pattern: PatternLike = "2:4", backend: str = "auto", *, inductor: bool = True,
+                 **options: Any) -> None:
+        self.pattern = Pattern.parse(pattern)
+        if backend not in compile_backends():
+            raise UnsupportedError(f"nmgraph.TorchCompileBackend(backend={backend!r}) is not one of "
+                                   f"{', '.join(compile_backends())}.")
+        self.backend = backend
+        self.inductor = bool(inductor)
+        CompileOptions.from_dict(options, where="nmgraph.TorchCompileBackend")
+        self.options = dict(options)
+        self.compiled: list[CompiledModule] = []
+
+    @property
+    def reports(self) -> list[CompileReport]:
+        return [c.report for c in self.compiled]
+
+    def __repr__(self) -> str:
+        return (f"TorchCompileBackend(pattern='{self.pattern}', backend={self.backend!r}, inductor={self.inductor}, "
+                f"graphs={len(self.compiled)})")
+
+    def __str__(self) -> str:
+        head = f"nmgraph torch.compile backend ({self.pattern}, {self.backend}): {len(self.compiled)} graphs compiled"
+        return "\n".join([head, *(f"graph {i}:\n{r}" for i, r in enumerate(self.reports))])
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+        """What Dynamo calls with each graph (``kwargs``: torch.compile's ``options`` and ``mode``)."""
+        options = {**self.options, **dict(kwargs.get("options") or {})}
+        pattern = options.pop("pattern", self.pattern)
+        backend = options.pop("backend", self.backend)
+        use_inductor = options.pop("inductor", self.inductor)
+        if kwargs.get("mode") is not None:
+            options.setdefault("inductor_mode", kwargs["mode"])
+        CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
+                                 also=("pattern", "backend", "inductor"))
+        return self._compile_graph(gm, example_inputs, pattern, backend, use_inductor, options)
+
+    def _compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], pattern: PatternLike,
+                       backend: str, use_inductor: bool, options: dict[str, Any]) -> Any:
+        bound, real_idx = _bind_parameters(gm, example_inputs)
+        bound, real_idx, dynamic_shapes = _sizes_from_tensors(bound, real_idx, example_inputs)
+        n_all = len(example_inputs)
+        if any(isinstance(example_inputs[i], torch.SymInt) for i in real_idx):
+            # sizes no input tensor carries: this graph cannot be captured with them symbolic
+            log.warning("nmgraph backend: Dynamo passed sizes that no input tensor carries; this graph runs as "
+                        "Dynamo traced it, with the model's current weights and no sparse kernel. Use "
+                        "torch.compile(..., dynamic=False) (one graph per shape) or nmgraph.compile.")
+
+            def run_unlowered(*args: Any) -> Any:
+                return bound(*(tuple(args[i] for i in real_idx) if len(args) == n_all else args))
+
+            return run_unlowered
+        compiled = compile(bound, pattern, backend, **options)
+        real_examples = [example_inputs[i] for i in real_idx]
+        lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
+                                  dynamic_shapes=dynamic_shapes)
+        self.compiled.append(compiled)
+        runner: Any = lowered
+        if use_inductor and dynamic_shapes is not None:
+            # compile_fx specialises the graph to the example shapes, and Dynamo calls this graph with any
+            # size: the lowered graph runs as an FX graph, right at every shape (CUDA graphs are per shape
+            # anyway: torch.compile(..., dynamic=False) keeps one inductor graph per shape).
+            log.info("nmgraph backend: dynamic shapes; the lowered graph runs without inductor")
+        elif use_inductor:
+            compiled.report.runs[_signature(real_examples, {})] = "inductor"
+            runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
+        else:
+            compiled.report.runs[_signature(real_examples, {})] = "graph"
+
+        def run(*args: Any) -> Any:
+            if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now
+                args = tuple(args[i] for i in real_idx)
+            return runner(*args)
+
+        run.nmgraph_compiled = compiled  # type: ignore[attr-defined]
+        return run
+
+
 def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend="nmgraph", options={"pattern": "2:4", ...})``.
 
@@ -357,7 +506,8 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     objects so the pipeline can analyze, permute and prune them, and the returned callable drops
     them from each call. The sparsified, lowered graph then goes to inductor (the nmgraph ops have
     fake implementations, so inductor compiles the rest of the graph around them); pass
-    ``options={"inductor": False}`` to run it as an FX graph instead.
+    ``options={"inductor": False}`` to run it as an FX graph instead. To read what was done, pass a
+    :class:`TorchCompileBackend` object as the backend instead of the name: it keeps the reports.
 
     ``torch.compile(model, backend="nmgraph", mode="reduce-overhead")`` (or, since torch.compile takes
     ``mode`` or ``options`` but not both, ``options={..., "inductor_mode": "reduce-overhead"}``)
@@ -367,44 +517,4 @@ def nmgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs:
     sizes through a decode kernel), and the graph runs as an FX graph (inductor would specialise it
     to one shape); ``dynamic=False`` keeps one inductor graph per shape instead.
     """
-    options = dict(kwargs.get("options") or {})
-    pattern = options.pop("pattern", "2:4")
-    backend = options.pop("backend", "auto")
-    use_inductor = options.pop("inductor", True)
-    if kwargs.get("mode") is not None:
-        options.setdefault("inductor_mode", kwargs["mode"])
-    CompileOptions.from_dict(options, where='torch.compile(backend="nmgraph", options=...)',
-                             also=("pattern", "backend"))
-    bound, real_idx = _bind_parameters(gm, example_inputs)
-    bound, real_idx, dynamic_shapes = _sizes_from_tensors(bound, real_idx, example_inputs)
-    n_all = len(example_inputs)
-    if any(isinstance(example_inputs[i], torch.SymInt) for i in real_idx):
-        # sizes no input tensor carries: this graph cannot be captured with them symbolic
-        log.warning("nmgraph backend: Dynamo passed sizes that no input tensor carries; this graph runs as "
-                    "Dynamo traced it, with the model's current weights and no sparse kernel. Use "
-                    "torch.compile(..., dynamic=False) (one graph per shape) or nmgraph.compile.")
-
-        def run_unlowered(*args: Any) -> Any:
-            return bound(*(tuple(args[i] for i in real_idx) if len(args) == n_all else args))
-
-        return run_unlowered
-    compiled = compile(bound, pattern, backend, **options)
-    real_examples = [example_inputs[i] for i in real_idx]
-    lowered = compiled._build(tuple(real_examples), {}, _signature(real_examples, {}), lowered_only=True,
-                              dynamic_shapes=dynamic_shapes)
-    runner: Any = lowered
-    if use_inductor and dynamic_shapes is not None:
-        # compile_fx specialises the graph to the example shapes, and Dynamo calls this graph with any
-        # size: the lowered graph runs as an FX graph, right at every shape (CUDA graphs are per shape
-        # anyway: torch.compile(..., dynamic=False) keeps one inductor graph per shape).
-        log.info("nmgraph backend: dynamic shapes; the lowered graph runs without inductor")
-    elif use_inductor:
-        runner = compile_with_inductor(lowered, real_examples, compiled.options.inductor_mode)
-
-    def run(*args: Any) -> Any:
-        if len(args) == n_all:  # Dynamo passes parameters too: they are bound in the graph now
-            args = tuple(args[i] for i in real_idx)
-        return runner(*args)
-
-    run.nmgraph_compiled = compiled  # type: ignore[attr-defined]
-    return run
+    return TorchCompileBackend()(gm, example_inputs, **kwargs)

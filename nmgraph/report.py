@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from nmgraph.analysis.plan import Skip, SparsityPlan
+from nmgraph.compress import ModelSummary, model_summary
 from nmgraph.errors import PlanError, UnsupportedError
 from nmgraph.exporters.onnx_check import OnnxSparsityReport, diagnose_nm
 from nmgraph.exporters.onnx_export import ExportReport
@@ -72,6 +73,7 @@ class ConvertSummary:
     pattern: Pattern
     layers: tuple[LayerStat, ...]
     skipped: tuple[Skip, ...]
+    model: ModelSummary | None = None
 
     @property
     def all_nm(self) -> bool:
@@ -79,6 +81,7 @@ class ConvertSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model": self.model.to_dict() if self.model is not None else None,
             "pattern": str(self.pattern),
             "layers": [_plain(s) for s in self.layers],
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
@@ -152,17 +155,20 @@ def convert_summary(gm: torch.nn.Module, pattern: PatternLike | None = None,
             "nmgraph.graph_record(gm).converted) or plan=."
         )
     stats = []
+    nm: dict[str, int] = {}
     for name, axis in layers:
         w = params.get(name)
         if w is None:
             stats.append(LayerStat(name, (), True, float("nan"), reason="not in the graph"))
             continue
         ok = is_nm(w, p, axis=axis)
+        if ok:
+            nm[name] = axis
         stats.append(LayerStat(
             name, tuple(w.shape), True, float((w.detach() == 0).float().mean()),
             reason="" if ok else diagnose_nm(w, p, axis).reason,
         ))
-    return ConvertSummary(p, tuple(stats), skipped)
+    return ConvertSummary(p, tuple(stats), skipped, model_summary(gm, p, nm))
 
 
 def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
@@ -249,12 +255,14 @@ def _spec(obj: Any) -> _Spec:
         rows = [[s.name, _shape(s.shape), _pct(s.sparsity), "yes" if not s.reason else f"NO: {s.reason}"]
                 for s in obj.layers]
         rows += [[s.name, "", "", f"dense: {s.reason}"] for s in obj.skipped]
-        return _Spec(f"convert {obj.pattern}: {len(obj.layers)} weights, {len(obj.skipped)} dense",
+        head = f"{obj.model.line()}\n" if obj.model is not None else ""
+        return _Spec(f"{head}convert {obj.pattern}: {len(obj.layers)} weights, {len(obj.skipped)} dense",
                      ["weight", "shape", "zeros", f"{obj.pattern}"], rows, [])
     if isinstance(obj, ExportReport):
         spec = _spec(obj.check)
         diff = max(obj.max_abs_diff) if obj.max_abs_diff else None
-        spec.title = (f"export {obj.format} -> {obj.path} ({obj.exporter} exporter, opset {obj.opset}, "
+        spec.title = ((f"{obj.model.line()}\n" if obj.model is not None else "")
+                      + f"export {obj.format} -> {obj.path} ({obj.exporter} exporter, opset {obj.opset}, "
                       f"{'fp16' if obj.fp16 else 'fp32'}{', dynamic batch' if obj.dynamic_batch else ''}): "
                       + spec.title)
         spec.rows = [[s.name, "", "", "", "lost", s.reason] for s in obj.plan_violations] + spec.rows

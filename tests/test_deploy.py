@@ -87,7 +87,7 @@ def test_torch_compile_backend_rejects_unknown_options():
     before = model.fc.weight.detach().clone()
     opt = torch.compile(model, backend="nmgraph", options={"patern": "1:4"})
     try:
-        with pytest.raises(Exception, match=r"unknown option 'patern'; valid options: pattern, backend, permute"):
+        with pytest.raises(Exception, match=r"unknown option 'patern'; valid options: pattern, backend, inductor, permute"):
             opt(torch.randn(2, 8))
     finally:
         torch._dynamo.reset()
@@ -243,3 +243,40 @@ def test_torch_compile_with_dynamic_rows_keeps_every_m_right(monkeypatch):
     # batch varies) carries the dense weight in every op; a static one does not need it
     assert lowerings and lowerings[-1] == (True, [True, True])
     assert all(fallbacks == [dynamic] * 2 for dynamic, fallbacks in lowerings)
+
+
+def test_a_torch_compile_backend_object_keeps_the_report():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    backend = nmgraph.TorchCompileBackend("2:4", inductor=False, time_limit=1.0)
+    assert backend.reports == []  # lazy, like torch.compile
+    opt = torch.compile(model, backend=backend)
+    try:
+        out = opt(x)
+        assert len(backend.reports) == 1  # one Dynamo graph
+        opt(x)
+        assert len(backend.reports) == 1  # no recompilation for the same shape
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    report = backend.reports[0]
+    assert isinstance(report, nmgraph.CompileReport)
+    # named as in the model, not as Dynamo's graph inputs; the output layer stays dense, with its reason
+    assert [i.name for i in report.plan.layers] == ["0.weight", "2.weight"]
+    assert [s.name for s in report.plan.skipped] == ["4.weight"]
+    assert all(nmgraph.is_nm(model.get_parameter(n), "2:4") for n in ("0.weight", "2.weight"))
+    (lowering,) = report.lowerings.values()
+    assert len(lowering.skipped) == 2 and all("CPU" in s.reason for s in lowering.skipped)  # dense on a CPU
+    assert list(report.runs.values()) == ["graph"]
+    assert "2 left dense" in str(backend) and "1 graphs compiled" in str(backend)
+
+
+def test_a_torch_compile_backend_object_checks_its_options_when_made():
+    with pytest.raises(UnsupportedError, match=r"nmgraph.TorchCompileBackend: unknown option 'patern'"):
+        nmgraph.TorchCompileBackend(patern="1:4")
+    with pytest.raises(UnsupportedError, match=r"backend='fast'\) is not one of auto"):
+        nmgraph.TorchCompileBackend("2:4", backend="fast")
+    with pytest.raises(nmgraph.PatternError):
+        nmgraph.TorchCompileBackend("4:2")

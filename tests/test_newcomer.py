@@ -53,8 +53,6 @@ def _trainer(model, run):
 
 @pytest.mark.slow
 def test_newcomer_path_on_a_sharded_bf16_llama(tmp_path, capsys):
-    if not hasattr(nmgraph, "sparsify"):
-        pytest.skip("nmgraph.sparsify (one-shot pruning, issue 15) is not in this tree yet")
     model, _ = hf_models.llama(layers=1, use_cache=True)
     src, out = tmp_path / "llama", tmp_path / "llama-2of4"
     model.to(torch.bfloat16).save_pretrained(src, max_shard_size="60KB")

@@ -38,6 +38,7 @@ from nmgraph.analysis import analyze
 from nmgraph.analysis.eligibility import gemm_weight_axes, module_gemm_axes
 from nmgraph.analysis.plan import Skip, SparsityPlan
 from nmgraph.capture import batch_dynamic_shapes, capture, set_eval
+from nmgraph.compress import ModelSummary, model_summary
 from nmgraph.errors import (
     BackendUnavailableError,
     CaptureError,
@@ -103,6 +104,8 @@ class ExportReport:
     output_names: tuple[str, ...] = ()
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: the model-level line: N:M weights and share of parameters, bytes dense and compressed
+    model: ModelSummary | None = None
 
     @property
     def eligible(self) -> tuple[str, ...]:
@@ -120,6 +123,7 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model": self.model.to_dict() if self.model is not None else None,
             "path": self.path,
             "format": self.format,
             "pattern": str(self.pattern),
@@ -153,7 +157,8 @@ class ExportReport:
 
     def __str__(self) -> str:
         diff = max(self.max_abs_diff) if self.max_abs_diff else float("nan")
-        lines = [
+        lines = [self.model.line()] if self.model is not None else []
+        lines += [
             f"export {self.format} -> {self.path} ({self.exporter} exporter, opset {self.opset}, "
             f"{'fp16' if self.fp16 else 'fp32'}{', dynamic batch' if self.dynamic_batch else ''})",
             f"  onnxruntime vs torch: max |diff| {diff:.3g}"
@@ -390,6 +395,7 @@ def export(
             input_names=tuple(i.name for i in _onnx_io(onnx_path)[0]),
             output_names=tuple(o.name for o in _onnx_io(onnx_path)[1]),
             dynamic_axes=_onnx_dynamic_axes(onnx_path), notes=tuple(notes),
+            model=model_summary(module, p, {name: axes[name] for name, ok in nm.items() if ok}),
         )
         if strict and report.lost:
             raise StrictModeError(
