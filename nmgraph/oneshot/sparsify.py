@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +62,9 @@ SAFETY = 0.05  # share of the time limit kept free
 # minutes before in the same call: a shared CPU's speed still moves between the two.
 ESTIMATE_MARGIN = 1.25
 MIN_SEARCH_SHARE = 0.05  # the statistics pass and a search run only if the search can get this share of the limit
+# A permutation is kept only when the held-out samples show an improvement of more than this many
+# standard errors (paired over the samples): within the noise, the unpermuted result is kept.
+ACCEPT_Z = 2.0
 PERMUTE_TOLERANCE_16BIT = 5e-2  # relative L2 change of the output a permutation may cause in bf16/fp16
 
 
@@ -267,9 +271,13 @@ def sparsify(
                         _check_permuted(model, evaluation[0], reference[0][0])
                     stages["permute"] = time.perf_counter() - t
                     outcomes_p, peak_p, after_p, error_perm = prune_and_evaluate(" permuted")
-                    accepted = error_perm < error_plain
+                    accepted, evidence = _decide(_scores(reference, after, outcomes),
+                                                 _scores(reference, after_p, outcomes_p))
                     decision = {"accepted": accepted, "error_permuted": error_perm, "error_unpermuted": error_plain}
+                    kind = _METRIC_NAME[_metric(reference, after)]
                     if accepted:
+                        notes.append(f"permutation kept: held-out {kind} {error_perm:.6g} with it, {error_plain:.6g} "
+                                     f"without; {evidence}")
                         outcomes, after, peak = outcomes_p, after_p, max(peak, peak_p)
                     else:
                         t = time.perf_counter()
@@ -277,8 +285,7 @@ def sparsify(
                         applied = {}
                         plain.restore()
                         stages["restore"] += time.perf_counter() - t
-                        why = (f"the held-out {_METRIC_NAME[_metric(reference, after)]} with it, {error_perm:.6g}, is "
-                               f"not below the {error_plain:.6g} without it")
+                        why = (f"held-out {kind} {error_perm:.6g} with it, {error_plain:.6g} without; {evidence}")
                         notes.append(f"permutation rejected: {why}; the weights are those of pruning without it")
                         log.info("sparsify: %s", notes[-1])
                         searched = [replace(g, applied=False, note=f"rejected: {why}") if g.applied else g
@@ -403,6 +410,37 @@ def _metric(reference, after) -> str:
     if after and all(x is not None for _, x in after):
         return "loss"
     return "output" if _output_error(reference, after) is not None else "layers"
+
+
+def _scores(reference, after, outcomes) -> list[float]:
+    """Per held-out sample, the quantity :func:`_distance` aggregates (smaller is better): the loss, or
+    the squared relative error of the main output; one value (the layers' RMS error) without either."""
+    kind = _metric(reference, after)
+    if kind == "loss":
+        return [x for _, x in after]
+    if kind == "output":
+        out = []
+        for (y0, _), (y1, _) in zip(reference, after):
+            if y0 is not None and y1 is not None and y0.shape == y1.shape:
+                den = float(y0.float().pow(2).sum())
+                out.append(float((y1.float() - y0.float()).pow(2).sum()) / den if den > 0 else 0.0)
+        return out
+    return [_distance(reference, after, outcomes)]
+
+
+def _decide(plain: list[float], permuted: list[float]) -> tuple[bool, str]:
+    """Keep the permutation only when the held-out samples show it helps beyond their own noise: the
+    mean per-sample improvement (paired: the same samples, without minus with) must exceed
+    ``ACCEPT_Z`` standard errors of that mean; with one sample, any improvement. A tie or an
+    improvement within the noise keeps the unpermuted result."""
+    d = [a - b for a, b in zip(plain, permuted)]
+    mean = sum(d) / len(d) if d else 0.0
+    if len(d) < 2:
+        return mean > 0, f"improvement {mean:.3g} on one sample (no noise estimate)"
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    accepted = mean > 0 and mean > ACCEPT_Z * se
+    return accepted, (f"mean improvement {mean:.3g} per sample, standard error {se:.2g} over {len(d)} samples "
+                      f"({'above' if accepted else 'not above'} the {ACCEPT_Z:g} standard errors required)")
 
 
 def _distance(reference, after, outcomes) -> float:

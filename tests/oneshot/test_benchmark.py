@@ -30,7 +30,7 @@ def test_quick_mode_runs_every_variant():
             continue
         row, plain = by_name[name], by_name[name.removesuffix("+perm")]
         assert row["permutation_accepted"] is not None  # no time limit: the permutation was tried
-        assert row["permutation_accepted"] == (row["error_permuted"] < row["error_unpermuted"])
+        assert not row["permutation_accepted"] or row["error_permuted"] < row["error_unpermuted"]
         if not row["permutation_accepted"]:  # rejected: the very weights of the run without permutation
             assert row["bpb"] == plain["bpb"] and row["output_rel_error"] == plain["output_rel_error"]
         assert row["error_unpermuted"] == plain["loss_sparse"]  # the decision is by the held-out loss
