@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from nmgraph.oneshot.progress import progress_bar
 from nmgraph.oneshot.taps import Geometry
 from nmgraph.search import kept_score, search_permutation
 
@@ -162,7 +163,24 @@ def search_groups(
     perms: dict[int, torch.Tensor] = {}
     reports: list[GroupSearch] = []
     per_layer: dict[str, tuple[float, float]] = {}
-    for g, cols, total in todo:
+    bar = progress_bar(progress, len(todo), f"search {p} ({method})", unit="group")
+    try:
+        _search_each(todo, p, method, sal_of, layers, gen, start, time_limit, max_rows, cost_left, search, seed, bar,
+                     perms, reports, per_layer)
+    finally:
+        if bar is not None:
+            bar.close()
+    return perms, reports, per_layer
+
+
+def _search_each(todo, p, method, sal_of, layers, gen, start, time_limit, max_rows, cost_left, search, seed, bar,
+                 perms, reports, per_layer) -> None:
+    """The loop of :func:`search_groups`, largest group first, filling ``perms``, ``reports`` and
+    ``per_layer``; ``bar`` (or ``None``) advances one group at a time and shows the kept saliency."""
+    for i, (g, cols, total) in enumerate(todo):
+        if bar is not None:
+            bar.update(1 if i else 0)
+            bar.set_postfix_str(f"group {i + 1}/{len(todo)} ({g.size} channels)")
         t0 = time.perf_counter()
         cost = min(total, max_rows) * g.size
         share = None
@@ -199,8 +217,15 @@ def search_groups(
                                        _share(sum(before.values()), grand), False, time.perf_counter() - t0,
                                        "no time left in the budget"))
             continue
+        tick = False
+        if bar is not None:
+            msum = float(matrix.sum(dtype=torch.float64)) or 1.0
+
+            def tick(kept, _i=i, _g=g, _m=msum):
+                if kept is not None:
+                    bar.set_postfix_str(f"group {_i + 1}/{len(todo)} ({_g.size} channels), kept {100 * kept / _m:.2f}%")
         result = search_permutation(matrix, p, method=search, block=g.block, seed=seed, time_limit=budget,
-                                            threads=1, progress=progress)
+                                    threads=1, progress=tick)
         del matrix
         perm = result.perm.cpu()
         after = dict(before)
@@ -222,7 +247,8 @@ def search_groups(
         log.info("group %d (%d channels, %d of %d score rows): kept %.4f -> %.4f of the %s saliency in %.2f s%s",
                  g.id, g.size, rows_searched, total, _share(kb, grand), _share(ka, grand), method,
                  time.perf_counter() - t0, "" if applied else " (not adopted)")
-    return perms, reports, per_layer
+    if bar is not None and todo:
+        bar.update(1)
 
 
 def _share(x: float, total: float) -> float:

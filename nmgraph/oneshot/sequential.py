@@ -42,6 +42,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from nmgraph.errors import CaptureError, PlanError, VerificationError
+from nmgraph.oneshot.progress import progress_bar
 from nmgraph.oneshot.sparsegpt import hessian_inverse_diag, sparsegpt_prune
 from nmgraph.oneshot.taps import Geometry, Tap, tap_features
 from nmgraph.oneshot.wanda import wanda_score
@@ -370,17 +371,6 @@ class _Keys:
             self.accs.pop(key, None)
 
 
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        log.debug("tqdm is not installed; running without a progress bar")
-        return None
-    return tqdm(total=total, desc=desc, unit="layer", leave=False)
-
-
 def _stat_vector(method: str, acc: _Accumulator, percdamp: float) -> torch.Tensor:
     if method == "wanda":
         return acc.sq_norms().float()
@@ -414,7 +404,7 @@ def collect_statistics(
         by_node.setdefault(t.node, []).append(t)
     out: dict[str, torch.Tensor] = {}
     rows: dict[str, list[int]] = {}
-    bar = _bar(progress, len(taps), f"statistics ({method})")
+    bar = progress_bar(progress, len(taps), f"statistics ({method})")
 
     def on_target(node: fx.Node) -> None:
         for tap in by_node[node]:
@@ -576,7 +566,7 @@ def prune_layers(
     for t in all_taps:
         by_node.setdefault(t.node, []).append(t)
     outcomes: list[LayerOutcome] = []
-    bar = _bar(progress, len(taps), f"prune {p} ({method})")
+    bar = progress_bar(progress, len(taps), f"prune {p} ({method})")
 
     def prune(name: str, acc: _Accumulator | None, tap: Tap | None) -> None:
         start = time.perf_counter()
