@@ -21,6 +21,7 @@ from nmgraph.analysis import analyze
 from nmgraph.backends import backend_names
 from nmgraph.backends.dispatch import Dispatcher
 from nmgraph.capture import capture
+from nmgraph.compress import ModelSummary, model_summary
 from nmgraph.errors import BackendUnavailableError, UnsupportedError
 from nmgraph.exporters.tensorrt import compile_torch_tensorrt, require_tensorrt
 from nmgraph.graph import fetch_attr
@@ -28,7 +29,7 @@ from nmgraph.passes.lower_linears import LowerLinearsConfig, lower_linears
 from nmgraph.passes.permute_channels import permute
 from nmgraph.passes.prune_weights import PruneWeightsConfig, prune_weights
 from nmgraph.passes.runner import run_passes
-from nmgraph.pattern import Pattern, PatternLike
+from nmgraph.pattern import Pattern, PatternLike, is_nm
 from nmgraph.rollback import Rollback
 from nmgraph.search import SEARCHES
 from nmgraph.training import prepare, without_dropout
@@ -113,6 +114,8 @@ class CompileReport:
 
     plan: Any = None
     permute: Any = None
+    #: the model-level line (N:M weights, share of parameters, bytes dense and compressed)
+    model: ModelSummary | None = None
     lowerings: dict[tuple, Any] = field(default_factory=dict)
     #: per signature, what a call runs: "graph" (the lowered graph), "inductor" (it, compiled) or
     #: "model" (no GEMM was lowered, so the model's own forward runs: its weights are the pruned,
@@ -120,7 +123,8 @@ class CompileReport:
     runs: dict[tuple, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        parts = [str(self.plan)] if self.plan is not None else []
+        parts = [self.model.line()] if self.model is not None else []
+        parts += [str(self.plan)] if self.plan is not None else []
         if self.permute is not None:
             parts.append(str(self.permute))
         for sig, result in self.lowerings.items():
@@ -206,6 +210,9 @@ class CompiledModule(torch.nn.Module):
                     permuted = permute(gm, plan, search=opts.search, seed=opts.seed,
                                        time_limit=opts.time_limit, progress=opts.progress)
             run_passes(gm, (prune_weights,), PruneWeightsConfig(plan))
+            # before lowering, which moves the weights into the compressed buffers of its ops
+            summary = model_summary(gm, self.pattern, {i.name: i.axis for i in plan.layers
+                                                       if is_nm(fetch_attr(gm, i.name), self.pattern, axis=i.axis)})
             try:
                 runner = self._lower(gm, plan, args, kwargs, sig, lowered_only, dynamic_rows)
             except BaseException:
@@ -215,6 +222,7 @@ class CompiledModule(torch.nn.Module):
         if not self._sparsified:
             self.report.permute = permuted
             self.report.plan = plan
+            self.report.model = summary
         self._sparsified = True
         return runner
 

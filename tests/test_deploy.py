@@ -271,6 +271,7 @@ def test_a_torch_compile_backend_object_keeps_the_report():
     assert len(lowering.skipped) == 2 and all("CPU" in s.reason for s in lowering.skipped)  # dense on a CPU
     assert list(report.runs.values()) == ["graph"]
     assert "2 left dense" in str(backend) and "1 graphs compiled" in str(backend)
+    assert str(report).startswith("model: 2 weights are 2:4 (") and report.model.dense_weights == 1
 
 
 def test_a_torch_compile_backend_object_checks_its_options_when_made():
