@@ -72,7 +72,8 @@ class SparsifyReport:
     asked for, none found, or no time for it), ``error_permuted`` and ``error_unpermuted``: the
     model pruned with and without the permutation on the held-out samples: the mean loss when the
     samples carry labels, else the relative output error against the dense model (the layers' RMS
-    error for a model without either). The permutation is kept only when the first is smaller.
+    error for a model without either). The permutation is kept only when the per-sample
+    improvement is above 2 standard errors (``notes`` give the figures).
 
     Detail: ``layers`` (:class:`LayerReport`), ``groups`` (:class:`GroupReport`), ``skipped`` (weights
     left dense, with the reason), ``notes``.
