@@ -22,6 +22,7 @@ saliency than the identity.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -164,91 +165,80 @@ def search_groups(
     reports: list[GroupSearch] = []
     per_layer: dict[str, tuple[float, float]] = {}
     bar = progress_bar(progress, len(todo), f"search {p} ({method})", unit="group")
-    try:
-        _search_each(todo, p, method, sal_of, layers, gen, start, time_limit, max_rows, cost_left, search, seed, bar,
-                     perms, reports, per_layer)
-    finally:
-        if bar is not None:
-            bar.close()
-    return perms, reports, per_layer
+    with bar if bar is not None else contextlib.nullcontext():  # one bar over the groups, closed on any exit
+        for i, (g, cols, total) in enumerate(todo):
+            if bar is not None:
+                bar.update(1 if i else 0)
+                bar.set_postfix_str(f"group {i + 1}/{len(todo)} ({g.size} channels)")
+            t0 = time.perf_counter()
+            cost = min(total, max_rows) * g.size
+            share = None
+            if time_limit is not None:
+                left = max(0.0, time_limit - (time.perf_counter() - start))
+                share = left * cost / max(cost_left, 1)
+            cost_left -= cost
+            if g.size % p.m or not cols:
+                reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, 0.0, 0.0, False, 0.0,
+                                           f"{g.size} channels are not a multiple of M={p.m}" if cols else
+                                           "no consumer member found"))
+                continue
+            frac = min(1.0, max_rows / max(total, 1))
+            sampled, before, grand = [], {}, 0.0
+            for name, c in cols.items():
+                s = _score(sal_of(name), layers[name].axis, c)
+                before[name] = kept_score(s, p)
+                grand += float(s.sum(dtype=torch.float64))
+                if frac >= 1.0:
+                    sampled.append(s)
+                else:
+                    take = max(1, round(frac * s.shape[0]))
+                    idx = torch.randperm(s.shape[0], generator=gen)[:take].sort().values
+                    sampled.append(s[idx])
+                del s
+            matrix = torch.cat(sampled)
+            del sampled
+            rows_searched = matrix.shape[0]
+            budget = None
+            if share is not None:  # the share also pays for building this matrix and for the exact check after
+                budget = share - 2 * (time.perf_counter() - t0)
+            if budget is not None and budget <= 0:
+                reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, _share(sum(before.values()), grand),
+                                           _share(sum(before.values()), grand), False, time.perf_counter() - t0,
+                                           "no time left in the budget"))
+                continue
+            tick = False
+            if bar is not None:
+                msum = float(matrix.sum(dtype=torch.float64)) or 1.0
 
-
-def _search_each(todo, p, method, sal_of, layers, gen, start, time_limit, max_rows, cost_left, search, seed, bar,
-                 perms, reports, per_layer) -> None:
-    """The loop of :func:`search_groups`, largest group first, filling ``perms``, ``reports`` and
-    ``per_layer``; ``bar`` (or ``None``) advances one group at a time and shows the kept saliency."""
-    for i, (g, cols, total) in enumerate(todo):
-        if bar is not None:
-            bar.update(1 if i else 0)
-            bar.set_postfix_str(f"group {i + 1}/{len(todo)} ({g.size} channels)")
-        t0 = time.perf_counter()
-        cost = min(total, max_rows) * g.size
-        share = None
-        if time_limit is not None:
-            left = max(0.0, time_limit - (time.perf_counter() - start))
-            share = left * cost / max(cost_left, 1)
-        cost_left -= cost
-        if g.size % p.m or not cols:
-            reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, 0.0, 0.0, False, 0.0,
-                                       f"{g.size} channels are not a multiple of M={p.m}" if cols else
-                                       "no consumer member found"))
-            continue
-        frac = min(1.0, max_rows / max(total, 1))
-        sampled, before, grand = [], {}, 0.0
-        for name, c in cols.items():
-            s = _score(sal_of(name), layers[name].axis, c)
-            before[name] = kept_score(s, p)
-            grand += float(s.sum(dtype=torch.float64))
-            if frac >= 1.0:
-                sampled.append(s)
+                def tick(kept, _i=i, _g=g, _m=msum):
+                    if kept is not None:
+                        bar.set_postfix_str(f"group {_i + 1}/{len(todo)} ({_g.size} channels), kept {100 * kept / _m:.2f}%")
+            result = search_permutation(matrix, p, method=search, block=g.block, seed=seed, time_limit=budget,
+                                        threads=1, progress=tick)
+            del matrix
+            perm = result.perm.cpu()
+            after = dict(before)
+            if not torch.equal(perm, torch.arange(g.size)):
+                after = {name: kept_score(_score(sal_of(name), layers[name].axis, c)[:, perm], p)
+                         for name, c in cols.items()}
+            kb, ka = sum(before.values()), sum(after.values())
+            applied = ka > kb
+            note = "" if applied else "no permutation keeps more of the full saliency"
+            if applied:
+                perms[g.id] = perm
+                for name in cols:
+                    per_layer[name] = (before[name], after[name])
             else:
-                take = max(1, round(frac * s.shape[0]))
-                idx = torch.randperm(s.shape[0], generator=gen)[:take].sort().values
-                sampled.append(s[idx])
-            del s
-        matrix = torch.cat(sampled)
-        del sampled
-        rows_searched = matrix.shape[0]
-        budget = None
-        if share is not None:  # the share also pays for building this matrix and for the exact check after
-            budget = share - 2 * (time.perf_counter() - t0)
-        if budget is not None and budget <= 0:
-            reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, 0, _share(sum(before.values()), grand),
-                                       _share(sum(before.values()), grand), False, time.perf_counter() - t0,
-                                       "no time left in the budget"))
-            continue
-        tick = False
-        if bar is not None:
-            msum = float(matrix.sum(dtype=torch.float64)) or 1.0
-
-            def tick(kept, _i=i, _g=g, _m=msum):
-                if kept is not None:
-                    bar.set_postfix_str(f"group {_i + 1}/{len(todo)} ({_g.size} channels), kept {100 * kept / _m:.2f}%")
-        result = search_permutation(matrix, p, method=search, block=g.block, seed=seed, time_limit=budget,
-                                    threads=1, progress=tick)
-        del matrix
-        perm = result.perm.cpu()
-        after = dict(before)
-        if not torch.equal(perm, torch.arange(g.size)):
-            after = {name: kept_score(_score(sal_of(name), layers[name].axis, c)[:, perm], p)
-                     for name, c in cols.items()}
-        kb, ka = sum(before.values()), sum(after.values())
-        applied = ka > kb
-        note = "" if applied else "no permutation keeps more of the full saliency"
-        if applied:
-            perms[g.id] = perm
-            for name in cols:
-                per_layer[name] = (before[name], after[name])
-        else:
-            for name in cols:
-                per_layer.setdefault(name, (before[name], before[name]))
-        reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, rows_searched, _share(kb, grand),
-                                   _share(ka if applied else kb, grand), applied, time.perf_counter() - t0, note))
-        log.info("group %d (%d channels, %d of %d score rows): kept %.4f -> %.4f of the %s saliency in %.2f s%s",
-                 g.id, g.size, rows_searched, total, _share(kb, grand), _share(ka, grand), method,
-                 time.perf_counter() - t0, "" if applied else " (not adopted)")
-    if bar is not None and todo:
-        bar.update(1)
+                for name in cols:
+                    per_layer.setdefault(name, (before[name], before[name]))
+            reports.append(GroupSearch(g.id, g.size, g.block, len(cols), total, rows_searched, _share(kb, grand),
+                                       _share(ka if applied else kb, grand), applied, time.perf_counter() - t0, note))
+            log.info("group %d (%d channels, %d of %d score rows): kept %.4f -> %.4f of the %s saliency in %.2f s%s",
+                     g.id, g.size, rows_searched, total, _share(kb, grand), _share(ka, grand), method,
+                     time.perf_counter() - t0, "" if applied else " (not adopted)")
+        if bar is not None and todo:
+            bar.update(1)
+    return perms, reports, per_layer
 
 
 def _share(x: float, total: float) -> float:

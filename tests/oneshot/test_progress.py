@@ -32,6 +32,12 @@ class _Recorder:
     def close(self):
         self.closed = True
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def _sparsify(monkeypatch, progress):
     recorder = type("Recorder", (_Recorder,), {"made": []})
